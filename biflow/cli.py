@@ -1,0 +1,57 @@
+"""The ``biflow`` command.
+
+Each command is thin: it parses arguments and calls into the library, so the
+same functions serve the CLI, the tests and Ray job entrypoints. Heavy imports
+(torch, ray) happen inside the commands to keep ``biflow --help`` fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(help="biflow: TARFlow forward flows and 1-NFE BiFlow reverse models, trained on Ray.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks that write JSON (and PNG) under an output directory.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Cluster helpers (render launcher YAMLs from Terraform outputs).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(cluster_app, name="cluster")
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn expected user errors into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from biflow.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=100 (repeatable).")
+
+
+@app.command()
+def version() -> None:
+    """Print the biflow version."""
+    from biflow import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

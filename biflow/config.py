@@ -1,0 +1,421 @@
+"""Typed configuration for every setting of biflow.
+
+Configuration is data: nested dataclasses, loaded from YAML by one loader
+that rejects unknown keys and wrong types with the full key path, and
+overridden from the command line with ``--set a.b=value``.
+
+Model sizes live in one registry (``FLOW_SIZES`` / ``REVERSE_SIZES``), named
+like DiT: ``S``, ``B``, ``L``, ``XL`` with a patch suffix (``B/2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from biflow.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, with the key path that caused it."""
+
+
+# ---------------------------------------------------------------------------
+# Model configs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class FlowConfig:
+    """Forward flow F (TARFlow): autoregressive affine blocks over patch tokens."""
+
+    size: str = ""  # registry name such as "B/2"; explicit fields override it
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    width: int = 128  # transformer width W
+    depth: int = 2  # transformer layers per flow block
+    num_blocks: int = 4  # flow blocks B (alternating token order)
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10  # 0 = unconditional
+    label_drop: float = 0.1  # p of replacing the label with the null class
+    noise_std: float = 0.1  # sigma of training noise augmentation (pixels in [-1, 1])
+    alpha_soft_clip: float = 4.0  # alpha <- c * tanh(alpha / c); 0 disables
+    clip: float = 8.0  # norm control: clamp mu, alpha to [-clip, clip]; 0 disables
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> "FlowConfig":
+        """``FlowConfig.from_size("B/2", image_size=32, channels=4)``."""
+        return from_dict(cls, {"size": size, **overrides})
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch_size**2
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.image_size**2
+
+    def validate(self, path: str = "flow") -> None:
+        _positive(self, path, "image_size", "channels", "patch_size", "width", "depth", "num_blocks", "num_heads")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{path}.patch_size={self.patch_size} does not divide {path}.image_size={self.image_size}"
+            )
+        if self.width % self.num_heads:
+            raise ConfigError(f"{path}.num_heads={self.num_heads} does not divide {path}.width={self.width}")
+        if self.num_tokens < 2:
+            raise ConfigError(f"{path}: need at least 2 tokens, got {self.num_tokens} (lower patch_size)")
+        if self.num_classes < 0:
+            raise ConfigError(f"{path}.num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        _unit_interval(self, path, "label_drop")
+        if self.noise_std < 0 or self.clip < 0 or self.alpha_soft_clip < 0:
+            raise ConfigError(f"{path}: noise_std, clip and alpha_soft_clip must be >= 0")
+
+
+@dataclass
+class PerceptualConfig:
+    """Feature network for the perceptual loss (pluggable, offline-capable)."""
+
+    network: Literal["inception", "vgg", "convnext", "none"] = "inception"
+    weights_path: str = ""  # local weights for vgg / convnext (no hub downloads)
+    resize: int = 299  # input side for the feature net (inception needs >= 75)
+    crop: float = 1.0  # fraction of the image in the paired random crop (1 = whole)
+
+
+@dataclass
+class ReverseConfig:
+    """Reverse model G (BiFlow): bidirectional ViT, 1 NFE from noise to image."""
+
+    size: str = ""
+    width: int = 128
+    depth: int = 8  # transformer layers, split into num_blocks alignment segments
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    denoise_depth: int = 1  # layers of the learned denoising block at the end
+    conditioning: Literal["adaln", "tokens"] = "adaln"
+    # loss weights
+    align_weight: float = 1.0  # hidden alignment, summed over segments
+    denoise_weight: float = 1.0  # MSE of the clean prediction vs clean x
+    perceptual_weight: float = 0.0  # perceptual distance of the clean prediction
+    norm_control: bool = True  # normalise each alignment term by the target's RMS
+    adaptive_p: float = 1.0  # loss * sg((loss + eps) ^ -p); 0 disables
+    adaptive_eps: float = 0.01
+    # training-time guidance
+    guidance_max: float = 0.0  # w ~ U[0, guidance_max] in training; 0 disables
+    guidance_mix: Literal["all", "output"] = "all"  # CFG target on every aligned state or output only
+    guidance_grad_uncond: bool = False  # backprop through the unconditional stream
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> "ReverseConfig":
+        return from_dict(cls, {"size": size, **overrides})
+
+    def validate(self, path: str = "reverse") -> None:
+        _positive(self, path, "width", "depth", "num_heads")
+        if self.width % self.num_heads:
+            raise ConfigError(f"{path}.num_heads={self.num_heads} does not divide {path}.width={self.width}")
+        if self.denoise_depth < 0:
+            raise ConfigError(f"{path}.denoise_depth must be >= 0, got {self.denoise_depth}")
+        for name in ("align_weight", "denoise_weight", "perceptual_weight", "adaptive_p", "adaptive_eps", "guidance_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------
+# Size registry (DiT-like names). Patch size is the suffix: "B/2".
+# ---------------------------------------------------------------------------
+
+FLOW_SIZES: dict[str, dict[str, Any]] = {
+    "S": dict(width=384, num_heads=6, num_blocks=8, depth=2),
+    "B": dict(width=768, num_heads=12, num_blocks=8, depth=2),
+    "L": dict(width=1024, num_heads=16, num_blocks=8, depth=3),
+    "XL": dict(width=1152, num_heads=16, num_blocks=8, depth=5),
+}
+
+REVERSE_SIZES: dict[str, dict[str, Any]] = {
+    "S": dict(width=384, num_heads=6, depth=12),
+    "B": dict(width=768, num_heads=12, depth=12),
+    "L": dict(width=1024, num_heads=16, depth=24),
+    "XL": dict(width=1152, num_heads=16, depth=28),
+}
+
+
+def _expand_size(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """Fill fields from a size name like "B/2"; keys given explicitly win."""
+    registry = {FlowConfig: FLOW_SIZES, ReverseConfig: REVERSE_SIZES}.get(cls)
+    size = data.get("size")
+    if registry is None or not size:
+        return data
+    where = f"{path}.size" if path else "size"
+    if not isinstance(size, str):
+        raise ConfigError(f"{where}: expected a string such as 'B/2', got {size!r}")
+    name, _, patch = size.partition("/")
+    if name not in registry:
+        raise ConfigError(f"{where}={size!r}: unknown size; allowed: {', '.join(f'{k}/<patch>' for k in registry)}")
+    expanded = dict(registry[name])
+    if patch and cls is FlowConfig:
+        if not patch.isdigit() or int(patch) < 1:
+            raise ConfigError(f"{where}={size!r}: the patch suffix must be a positive integer, as in 'B/2'")
+        expanded["patch_size"] = int(patch)
+    expanded.update(data)
+    return expanded
+
+
+# ---------------------------------------------------------------------------
+# Run configs (data, optimisation, training, Ray)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    uri: str = "runs/data/fashion-mnist"  # shard root: local path, file:// or s3://bucket/prefix
+    split: str = "train"
+    eval_split: str = "test"
+    endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
+    region: str = ""
+    kind: Literal["pixels", "latents"] = "pixels"
+    random_flip: bool = True
+    shuffle_buffer: int = 2048  # rows in the local shuffle buffer; 0 = file order only
+    prefetch_batches: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # per worker, per micro-step
+    grad_accum: int = 1
+    engine: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # sample grids to TensorBoard / PNG; 0 disables
+    max_bad_steps: int = 20  # stop after this many consecutive NaN/inf steps
+    forward_checkpoint: str = ""  # reverse stage: stage-1 run name or checkpoint URI
+
+    def validate(self, path: str = "train") -> None:
+        _positive(self, path, "steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}.zero_stage={self.zero_stage}: allowed values are 0, 1, 2, 3")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: a local Ray instance; or RAY_ADDRESS / ray://... / auto
+    workers: int = 2
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    storage: str = "runs"  # run storage: local dir or s3://bucket/prefix
+    storage_endpoint: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    """A training job: which stage, the models, data, optimisation and Ray."""
+
+    name: str = "biflow"
+    stage: Literal["forward", "reverse"] = "forward"
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    reverse: ReverseConfig = field(default_factory=ReverseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        self.flow.validate("flow")
+        self.reverse.validate("reverse")
+        self.train.validate("train")
+        if self.ray.workers < 1:
+            raise ConfigError(f"ray.workers must be >= 1, got {self.ray.workers}")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Loading: dict / YAML -> dataclass, strict
+# ---------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the safe cases."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data = _expand_size(cls, data, path)
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in hints or key not in names:
+            raise ConfigError(f"unknown key {key_path!r}; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (YAML-safe: tuples become lists)."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    cls: type = ExperimentConfig,
+) -> Any:
+    """Load ``cls`` from a YAML path (or dict), apply ``--set`` overrides, validate."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(_deep_copy(data), overrides)
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _positive(cfg: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise ConfigError(f"{path}.{name} must be > 0, got {value}")
+
+
+def _unit_interval(cfg: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{path}.{name} must be in [0, 1], got {value}")
