@@ -1,0 +1,167 @@
+"""Training objectives.
+
+Stage 1 (forward flow): negative log-likelihood of noise-augmented data.
+Stage 2 (reverse model): hidden alignment to the frozen flow's trajectory,
+learned denoising, perceptual distance, each adaptively weighted, with
+training-time classifier-free guidance.
+
+Both entry points take a batch and return ``(loss, metrics)``: the loss is a
+scalar tensor to backpropagate, the metrics are plain floats for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from biflow.config import FlowConfig, ReverseConfig
+from biflow.models.tarflow import FlowOutput
+
+LOG_2PI = math.log(2 * math.pi)
+# Pixels u in {0..255} map to x = u / 127.5 - 1, so densities over x and u
+# differ by a factor 127.5 per dimension.
+LOG_PIXEL_SCALE = math.log(127.5)
+
+
+# ---------------------------------------------------------------------------
+# Likelihood
+# ---------------------------------------------------------------------------
+
+
+def nll_per_dim(out: FlowOutput) -> Tensor:
+    """Negative log-likelihood in nats per dimension, (B,), Gaussian constant included."""
+    z = out.z.to(out.logdet.dtype).flatten(1)
+    d = z.shape[1]
+    return (0.5 * (z**2).sum(1) + 0.5 * d * LOG_2PI - out.logdet) / d
+
+
+def bits_per_dim(nll_nats_per_dim: Tensor | float) -> Tensor | float:
+    """Bits per dimension on the 8-bit pixel scale (data in [-1, 1])."""
+    return (nll_nats_per_dim + LOG_PIXEL_SCALE) / math.log(2)
+
+
+def drop_labels(y: Tensor | None, p: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor | None:
+    """Replace labels by the null class ``num_classes`` with probability p."""
+    if y is None or num_classes == 0:
+        return None
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def forward_loss(flow, x: Tensor, y: Tensor | None, cfg: FlowConfig,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Stage-1 objective: NLL per dim of x + sigma * eps, with label drop."""
+    x_noisy = x + cfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    y_in = drop_labels(y, cfg.label_drop, cfg.num_classes, generator)
+    out = flow(x_noisy, y_in)
+    nll = nll_per_dim(out)
+    loss = nll.mean()
+    with torch.no_grad():
+        metrics = {
+            "loss": loss.item(),
+            "nll": loss.item(),
+            "bpd": float(bits_per_dim(loss.item())),
+            "logdet_per_dim": (out.logdet.mean() / x[0].numel()).item(),
+            "z_rms": out.z.float().pow(2).mean().sqrt().item(),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------
+# Reverse-model terms
+# ---------------------------------------------------------------------------
+
+
+def adaptive_weight(per_sample: Tensor, p: float, eps: float) -> Tensor:
+    """loss * sg((loss + eps)^-p): every sample's term has gradient scale ~1."""
+    if p == 0:
+        return per_sample
+    return per_sample * (per_sample.detach() + eps).pow(-p)
+
+
+def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: float = 1e-6) -> Tensor:
+    """Per-sample MSE; with norm control, divided by the target's mean square
+    (a stop-gradient per-sample RMS normalisation) so every depth counts alike."""
+    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if norm_control:
+        err = err / (target.detach().float().pow(2).flatten(1).mean(1) + eps)
+    return err
+
+
+def cfg_combine(guided: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
+    """Recover the conditional state from the guided and unconditional ones:
+    h = (G(h|c, w) + w * G(h|null)) / (1 + w). With w = 0 it is G(h|c, 0)."""
+    w = w.reshape(-1, *([1] * (guided.dim() - 1))).to(guided.dtype)
+    return (guided + w * uncond) / (1 + w)
+
+
+def sample_guidance(y: Tensor | None, w_max: float, num_classes: int, batch: int, device: torch.device,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """w ~ U[0, w_max] for conditional rows; 0 for null-class (unconditional) rows."""
+    if w_max <= 0 or y is None:
+        return torch.zeros(batch, device=device)
+    w = torch.rand(batch, device=device, generator=generator) * w_max
+    return torch.where(y == num_classes, torch.zeros_like(w), w)
+
+
+def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
+                 feature_net: Callable | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Stage-2 objective for the reverse model G given a frozen forward flow F.
+
+    Pairs are made on the fly: x_noisy = x + sigma * eps, and F's trajectory
+    x_noisy = x^0 -> ... -> x^B = z. G(z | c, w) must reproduce each x^k at
+    its aligned depth and the clean x at the output.
+    """
+    b = x.shape[0]
+    x_noisy = x + fcfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    y_in = drop_labels(y, fcfg.label_drop, fcfg.num_classes, generator)
+    with torch.no_grad():
+        traj = flow(x_noisy, y_in)
+    z = traj.z.detach()
+    w = sample_guidance(y_in, rcfg.guidance_max, fcfg.num_classes, b, x.device, generator)
+    out = rev(z, y_in, guidance=w)
+    preds, x_hat = out.states, out.x
+
+    guided = rcfg.guidance_max > 0 and y_in is not None
+    if guided:
+        null = torch.full_like(y_in, fcfg.num_classes)
+        with torch.set_grad_enabled(rcfg.guidance_grad_uncond and torch.is_grad_enabled()):
+            unc = rev(z, null, guidance=torch.zeros_like(w))
+        if rcfg.guidance_mix == "all":
+            preds = [cfg_combine(p, u, w) for p, u in zip(preds, unc.states)]
+        x_hat = cfg_combine(x_hat, unc.x, w)
+
+    p, eps = rcfg.adaptive_p, rcfg.adaptive_eps
+    align_terms = [alignment_distance(pred, traj.states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
+    align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms]).mean(0)
+    mse = (x_hat.float() - x.float()).pow(2).flatten(1).mean(1)
+    total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, eps)
+    perc = None
+    if feature_net is not None and rcfg.perceptual_weight > 0:
+        from biflow.perceptual import perceptual_distance
+
+        perc = perceptual_distance(feature_net, x_hat, x, crop=rcfg.perceptual.crop, generator=generator)
+        total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, eps)
+    loss = total.mean()
+    with torch.no_grad():
+        metrics = {
+            "loss": loss.item(),
+            "align": torch.stack(align_terms).mean().item(),
+            "align_first": align_terms[-1].mean().item(),  # the deepest state x^(B-1)
+            "align_last": align_terms[0].mean().item(),  # x^0, the noisy image
+            "denoise_mse": mse.mean().item(),
+            "psnr": psnr_from_mse(mse).mean().item(),
+        }
+        if perc is not None:
+            metrics["perceptual"] = perc.mean().item()
+    return loss, metrics
+
+
+def psnr_from_mse(mse: Tensor, data_range: float = 2.0) -> Tensor:
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))

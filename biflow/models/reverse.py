@@ -1,0 +1,112 @@
+"""Reverse model G (BiFlow): a bidirectional ViT that maps noise z back to a
+clean image in one network evaluation.
+
+G's depth is split into B segments, one per forward block, in reverse order.
+After segment i a projection head phi_i maps the hidden tokens to token
+space; its output is aligned with the forward trajectory state x^(B-1-i)
+(hidden alignment: the hidden states stay free, only their projections are
+tied). A final learned denoising block maps to the clean x.
+
+Conditioning on the label c and the guidance scale w is by adaLN (DiT) or by
+two prepended tokens (``ReverseConfig.conditioning``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from biflow.config import ConfigError, FlowConfig, ReverseConfig
+from biflow.models.layers import (
+    AdaLNLayer,
+    AdaLNOutput,
+    LabelEmbedding,
+    PlainLayer,
+    ScalarEmbedding,
+    patchify,
+    unpatchify,
+)
+
+
+@dataclass
+class ReverseOutput:
+    x: Tensor  # clean image prediction (B, C, H, W)
+    states: list[Tensor]  # states[k] predicts the forward state x^k, k = 0..B-1 (x^0 = noisy input)
+
+
+def segment_bounds(depth: int, num_segments: int) -> list[int]:
+    """End index (exclusive) of each segment, as even as possible."""
+    return [round((i + 1) * depth / num_segments) for i in range(num_segments)]
+
+
+class _TokenHead(nn.Module):
+    """Hidden tokens -> token space (used for the alignment projections phi_i)."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
+        return self.linear(self.norm(h))
+
+
+class ReverseModel(nn.Module):
+    def __init__(self, cfg: ReverseConfig, flow_cfg: FlowConfig):
+        super().__init__()
+        cfg.validate("reverse")
+        if cfg.depth < flow_cfg.num_blocks:
+            raise ConfigError(
+                f"reverse.depth={cfg.depth} must be >= flow.num_blocks={flow_cfg.num_blocks}: "
+                "every forward block needs at least one reverse layer to align with"
+            )
+        self.config = cfg
+        self.flow_config = flow_cfg
+        w, d, n = cfg.width, flow_cfg.token_dim, flow_cfg.num_tokens
+        self.proj_in = nn.Linear(d, w)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, w) * 0.02)
+        self.label_embed = LabelEmbedding(flow_cfg.num_classes, w) if flow_cfg.num_classes > 0 else None
+        self.guidance_embed = ScalarEmbedding(w)
+        layer_cls = AdaLNLayer if cfg.conditioning == "adaln" else PlainLayer
+        self.layers = nn.ModuleList(layer_cls(w, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.bounds = segment_bounds(cfg.depth, flow_cfg.num_blocks)
+        self.heads = nn.ModuleList(_TokenHead(w, d) for _ in range(flow_cfg.num_blocks))
+        self.denoise = nn.ModuleList(layer_cls(w, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.denoise_depth))
+        self.out = AdaLNOutput(w, d) if cfg.conditioning == "adaln" else _TokenHead(w, d)
+        if cfg.conditioning == "tokens":
+            self.cond_pos = nn.Parameter(torch.randn(1, 2, w) * 0.02)
+
+    def _to_image(self, tokens: Tensor) -> Tensor:
+        f = self.flow_config
+        return unpatchify(tokens, f.patch_size, f.channels, f.image_size)
+
+    def condition(self, y: Tensor | None, guidance: Tensor | float, batch: int, device: torch.device) -> Tensor:
+        if not torch.is_tensor(guidance):
+            guidance = torch.full((batch,), float(guidance), device=device)
+        c = self.guidance_embed(guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance)
+        if self.label_embed is not None:
+            c = c + self.label_embed(y, batch, device)
+        return c
+
+    def forward(self, z: Tensor, y: Tensor | None = None, guidance: Tensor | float = 0.0) -> ReverseOutput:
+        b = z.shape[0]
+        h = self.proj_in(patchify(z, self.flow_config.patch_size).to(self.proj_in.weight.dtype)) + self.pos_embed
+        c = self.condition(y, guidance, b, z.device).to(h.dtype)
+        n_cond = 0
+        if self.config.conditioning == "tokens":
+            h = torch.cat([torch.stack([c, c], 1) + self.cond_pos, h], dim=1)
+            n_cond = 2
+        num_blocks = len(self.heads)
+        states: list[Tensor] = [z] * num_blocks
+        start = 0
+        for i, end in enumerate(self.bounds):
+            for layer in self.layers[start:end]:
+                h = layer(h, c)
+            start = end
+            states[num_blocks - 1 - i] = self._to_image(self.heads[i](h[:, n_cond:]).to(z.dtype))
+        for layer in self.denoise:
+            h = layer(h, c)
+        x = self._to_image(self.out(h, c)[:, n_cond:].to(z.dtype))
+        return ReverseOutput(x=x, states=states)

@@ -1,0 +1,192 @@
+"""Forward flow F: TARFlow, a stack of autoregressive affine blocks over patch tokens.
+
+Block i permutes the token order (identity for even i, reversed for odd i),
+runs a causal transformer whose outputs are shifted one token to the right,
+and maps every token with parameters computed from the tokens before it:
+
+    forward:  z_t = (x_t - mu_t) * exp(-alpha_t),   log|det| = -sum(alpha)
+    inverse:  x_t = z_t * exp(alpha_t) + mu_t       (token by token, KV-cached)
+
+Token 0 has mu = alpha = 0 and passes through unchanged. The affine and
+log-det math runs in at least fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from biflow.config import FlowConfig
+from biflow.models.layers import KVCache, LabelEmbedding, TransformerLayer, patchify, unpatchify
+
+
+@dataclass
+class FlowOutput:
+    z: Tensor  # (B, C, H, W), same shape as x
+    logdet: Tensor  # (B,), natural log, fp32 or wider
+    states: list[Tensor]  # [x^0 .. x^B], each (B, C, H, W); x^0 = input, x^B = z
+
+
+def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive affine block: causal transformer -> (mu, alpha) per token."""
+
+    def __init__(self, cfg: FlowConfig, reverse_order: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.reverse_order = reverse_order
+        w, d, n = cfg.width, cfg.token_dim, cfg.num_tokens
+        self.proj_in = nn.Linear(d, w)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, w) * 0.02)
+        self.label_embed = LabelEmbedding(cfg.num_classes, w) if cfg.num_classes > 0 else None
+        self.layers = nn.ModuleList(TransformerLayer(w, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.proj_out = nn.Linear(w, 2 * d)
+        nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity map
+        nn.init.zeros_(self.proj_out.bias)
+
+    def permute(self, tokens: Tensor) -> Tensor:
+        return tokens.flip(1) if self.reverse_order else tokens
+
+    def condition(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.label_embed is None:
+            return None
+        return self.label_embed(y, batch, device).unsqueeze(1)
+
+    def embed(self, tokens: Tensor, cond: Tensor | None, start: int = 0) -> Tensor:
+        h = self.proj_in(tokens.to(self.proj_in.weight.dtype))
+        h = h + self.pos_embed[:, start : start + tokens.shape[1]]
+        return h if cond is None else h + cond
+
+    def affine_params(self, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Hidden states -> (mu, alpha) with soft clip and norm-control clip."""
+        mu, alpha = self.proj_out(self.norm(h)).to(dtype).chunk(2, dim=-1)
+        c = self.cfg.alpha_soft_clip
+        if c > 0:
+            alpha = c * torch.tanh(alpha / c)
+        if self.cfg.clip > 0:
+            mu = mu.clamp(-self.cfg.clip, self.cfg.clip)
+            alpha = alpha.clamp(-self.cfg.clip, self.cfg.clip)
+        return mu, alpha
+
+    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x: tokens (B, N, D) in natural order -> (z tokens, logdet (B,))."""
+        dtype = _affine_dtype(x.dtype)
+        xp = self.permute(x)
+        h = self.embed(xp, self.condition(y, x.shape[0], x.device))
+        for layer in self.layers:
+            h = layer(h, causal=True)
+        mu, alpha = self.affine_params(h, dtype)
+        # outputs at position t-1 parameterise token t; token 0 gets (0, 0)
+        mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
+        alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)
+        z = (xp.to(dtype) - mu) * torch.exp(-alpha)
+        logdet = -alpha.sum(dim=(1, 2))
+        return self.permute(z).to(x.dtype), logdet
+
+    def _mix(self, mu: Tensor, alpha: Tensor, guidance: float) -> tuple[Tensor, Tensor]:
+        """Classifier-free guidance on the affine parameters (cond first, uncond second)."""
+        (mu_c, mu_u), (a_c, a_u) = mu.chunk(2), alpha.chunk(2)
+        return mu_c + guidance * (mu_c - mu_u), a_c + guidance * (a_c - a_u)
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor, y: Tensor | None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
+        """Exact inverse, decoding one token per step (N - 1 sequential steps).
+
+        With ``use_cache`` each step runs one token through the transformer and
+        attends over cached keys/values; without it every step recomputes the
+        whole prefix (the naive baseline, for tests and benchmarks).
+        """
+        dtype = _affine_dtype(z.dtype)
+        zp = self.permute(z).to(dtype)
+        b, n, _ = zp.shape
+        cfg_on = guidance != 0.0 and self.label_embed is not None
+        if cfg_on:
+            y_cond = y if y is not None else torch.full((b,), self.cfg.num_classes, device=z.device, dtype=torch.long)
+            y_all = torch.cat([y_cond, torch.full_like(y_cond, self.cfg.num_classes)])
+            cond = self.condition(y_all, 2 * b, z.device)
+        else:
+            cond = self.condition(y, b, z.device)
+        rows = 2 * b if cfg_on else b
+        x = torch.empty_like(zp)
+        x[:, 0] = zp[:, 0]
+        caches = None
+        if use_cache:
+            like = self.pos_embed
+            caches = [KVCache(rows, self.cfg.num_heads, n, self.cfg.width // self.cfg.num_heads, like)
+                      for _ in self.layers]
+        for t in range(n - 1):
+            if use_cache:
+                tok = x[:, t : t + 1]
+                h = self.embed(tok.repeat(2, 1, 1) if cfg_on else tok, cond, start=t)
+                for layer, cache in zip(self.layers, caches):
+                    h = layer(h, cache=cache, pos=t)
+            else:
+                prefix = x[:, : t + 1]
+                h = self.embed(prefix.repeat(2, 1, 1) if cfg_on else prefix, cond)
+                for layer in self.layers:
+                    h = layer(h, causal=True)
+                h = h[:, -1:]
+            mu, alpha = self.affine_params(h, dtype)
+            if cfg_on:
+                mu, alpha = self._mix(mu, alpha, guidance)
+            x[:, t + 1] = zp[:, t + 1] * torch.exp(alpha[:, 0]) + mu[:, 0]
+        return self.permute(x).to(z.dtype)
+
+
+class TARFlow(nn.Module):
+    """Transformer autoregressive flow over image (or latent) tensors (B, C, H, W)."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        cfg.validate("flow")
+        self.config = cfg
+        self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        return patchify(x, self.config.patch_size)
+
+    def to_image(self, tokens: Tensor) -> Tensor:
+        c = self.config
+        return unpatchify(tokens, c.patch_size, c.channels, c.image_size)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
+        self._check(x)
+        tokens = self.to_tokens(x)
+        logdet = torch.zeros(x.shape[0], dtype=_affine_dtype(x.dtype), device=x.device)
+        states = [x]
+        for block in self.blocks:
+            tokens, ld = block(tokens, y)
+            logdet = logdet + ld
+            states.append(self.to_image(tokens))
+        return FlowOutput(z=states[-1], logdet=logdet, states=states)
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
+        """Exact inverse F^-1(z), blocks in reverse order, with optional CFG."""
+        self._check(z)
+        tokens = self.to_tokens(z)
+        for block in reversed(self.blocks):
+            tokens = block.inverse(tokens, y, guidance=guidance, use_cache=use_cache)
+        return self.to_image(tokens)
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x) in nats, (B,): standard normal prior plus the log-det."""
+        out = self.forward(x, y)
+        z = out.z.to(out.logdet.dtype).flatten(1)
+        return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * _LOG_2PI + out.logdet
+
+    def _check(self, x: Tensor) -> None:
+        c = self.config
+        expected = (c.channels, c.image_size, c.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"TARFlow expects (B, {c.channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}")
+
+
+_LOG_2PI = 1.8378770664093453

@@ -1,0 +1,241 @@
+"""Math of the forward flow and the reverse model (plain torch, seconds)."""
+
+import pytest
+import torch
+
+from biflow.config import FlowConfig, ReverseConfig
+from biflow.losses import bits_per_dim, cfg_combine, forward_loss, nll_per_dim, reverse_loss
+from biflow.models import ReverseModel, TARFlow
+from biflow.models.layers import patchify, unpatchify
+from biflow.sampling import EMA, inpaint, sample_biflow, sample_exact, tweedie_denoise
+
+TINY = dict(image_size=8, channels=2, patch_size=2, width=32, depth=2, num_blocks=4, num_heads=4, num_classes=5)
+
+
+def randomise(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Non-zero weights everywhere (the zero-init heads would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def tiny_flow(dtype=torch.float32, **kw) -> TARFlow:
+    torch.manual_seed(0)
+    return randomise(TARFlow(FlowConfig(**{**TINY, **kw}))).to(dtype).eval()
+
+
+def data(n=4, dtype=torch.float32, cfg=TINY, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], generator=g).to(dtype)
+    y = torch.randint(0, cfg["num_classes"], (n,), generator=g)
+    return x, y
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(3, 2, 8, 8)
+    assert torch.equal(unpatchify(patchify(x, 2), 2, 2, 8), x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_inverse_of_forward(dtype, tol):
+    flow = tiny_flow(dtype)
+    x, y = data(dtype=dtype)
+    out = flow(x, y)
+    assert out.z.shape == x.shape and out.logdet.shape == (4,) and len(out.states) == TINY["num_blocks"] + 1
+    assert out.logdet.abs().min() > 1e-3  # the randomised heads really transform
+    x_rec = flow.inverse(out.z, y)
+    assert (x_rec - x).abs().max().item() < tol
+    for i, block in enumerate(flow.blocks):  # every block is invertible on its own
+        tokens = flow.to_tokens(out.states[i])
+        z_tok, _ = block(tokens, y)
+        assert (block.inverse(z_tok, y) - tokens).abs().max().item() < tol
+
+
+def test_logdet_matches_autograd_jacobian():
+    cfg = dict(image_size=4, channels=1, patch_size=2, width=16, depth=1, num_blocks=2, num_heads=2, num_classes=3)
+    flow = tiny_flow(torch.float64, **cfg)
+    x, y = data(1, torch.float64, cfg)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v.view_as(x), y).z.flatten(), x.flatten())
+    _, logabsdet = torch.linalg.slogdet(jac)
+    assert abs(logabsdet.item() - flow(x, y).logdet.item()) < 1e-9
+
+
+def test_causality_of_each_block():
+    flow = tiny_flow()
+    x, y = data(2)
+    tokens = flow.to_tokens(x)
+    n = tokens.shape[1]
+    t = n // 2
+    moved = tokens.clone()
+    moved[:, t] += 1.0
+    for block in flow.blocks:
+        z0, _ = block(tokens, y)
+        z1, _ = block(moved, y)
+        changed = (z0 - z1).abs().amax(dim=(0, 2)) > 0
+        order = range(n)[::-1] if block.reverse_order else range(n)
+        before = [i for i in order][: list(order).index(t)]  # tokens decoded before t
+        assert not changed[before].any(), "a token changed before the perturbed one"
+        assert changed[t] and changed.sum() > 1  # t itself and later tokens move
+
+
+def test_kv_cached_decode_equals_recompute():
+    flow = tiny_flow(torch.float64)
+    x, y = data(3, torch.float64)
+    z = flow(x, y).z
+    for w in (0.0, 1.5):
+        cached = flow.inverse(z, y, guidance=w, use_cache=True)
+        naive = flow.inverse(z, y, guidance=w, use_cache=False)
+        assert (cached - naive).abs().max().item() < 1e-10
+
+
+def test_guidance_zero_is_conditional_and_guidance_changes_output():
+    flow = tiny_flow()
+    x, y = data()
+    z = flow(x, y).z
+    assert torch.equal(flow.inverse(z, y, guidance=0.0), flow.inverse(z, y))
+    assert (flow.inverse(z, y, guidance=2.0) - flow.inverse(z, y)).abs().max() > 1e-3
+
+
+def test_tweedie_exact_on_gaussian():
+    # A flow at initialisation is the identity, so p(x~) = N(0, I). If x ~ N(0, (1 - s^2) I)
+    # and x~ = x + s * eps, then E[x | x~] = (1 - s^2) x~ exactly.
+    flow = TARFlow(FlowConfig(**TINY)).double()
+    x_noisy, y = data(dtype=torch.float64)
+    s = 0.3
+    assert torch.allclose(tweedie_denoise(flow, x_noisy, y, s), (1 - s**2) * x_noisy, atol=1e-12)
+
+
+def test_identity_flow_bpd_is_gaussian_value():
+    flow = TARFlow(FlowConfig(**TINY)).double()
+    x, y = data(dtype=torch.float64)
+    out = flow(x, y)
+    assert out.logdet.abs().max() == 0
+    expected = 0.5 * (x.flatten(1) ** 2).mean(1) + 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64))
+    assert torch.allclose(nll_per_dim(out), expected)
+    assert abs(bits_per_dim(0.0) - 7.0) < 0.01  # log2(127.5) ~ 6.994
+
+
+def test_bf16_forward_keeps_fp32_logdet():
+    flow = tiny_flow().to(torch.bfloat16)
+    x, y = data(dtype=torch.bfloat16)
+    out = flow(x, y)
+    assert out.z.dtype == torch.bfloat16 and out.logdet.dtype == torch.float32
+    assert torch.isfinite(out.logdet).all()
+    ref = tiny_flow()(x.float(), y)
+    assert (out.logdet - ref.logdet).abs().max() < 0.05 * ref.logdet.abs().max() + 0.05
+
+
+def test_flow_loss_falls_on_fixed_batch():
+    torch.manual_seed(0)
+    cfg = FlowConfig(**TINY)
+    flow = TARFlow(cfg)
+    x, y = data(16)
+    x = 0.5 * torch.tanh(x)  # data-like range, not N(0, I): there is something to learn
+    opt = torch.optim.AdamW(flow.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        loss, metrics = forward_loss(flow, x, y, cfg, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert set(metrics) >= {"loss", "bpd", "nll", "logdet_per_dim"}
+
+
+def tiny_pair(**rev_kw):
+    flow = tiny_flow()
+    for p in flow.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    rcfg = ReverseConfig(width=48, depth=4, num_heads=4, denoise_depth=1, **rev_kw)
+    return flow, ReverseModel(rcfg, flow.config), rcfg
+
+
+def test_reverse_shapes_and_segments():
+    flow, rev, _ = tiny_pair()
+    x, y = data(2)
+    out = rev(flow(x, y).z, y, guidance=torch.tensor([0.0, 1.0]))
+    assert out.x.shape == x.shape and len(out.states) == TINY["num_blocks"]
+    assert rev.bounds == [1, 2, 3, 4]
+    flow2, rev2, _ = tiny_pair(conditioning="tokens")
+    assert rev2(flow2(x, y).z, y, guidance=0.5).x.shape == x.shape
+
+
+def test_reverse_overfits_tiny_batch_reconstruction_10x():
+    flow, rev, rcfg = tiny_pair(adaptive_p=0.0)
+    fcfg = flow.config
+    fcfg.noise_std, fcfg.label_drop = 0.0, 0.0
+    x, y = data(8)
+    x = 0.5 * torch.tanh(x)
+    z = flow(x, y).z
+
+    def recon_error():
+        with torch.no_grad():
+            return (rev(z, y).x - x).pow(2).mean().item()
+
+    before = recon_error()
+    opt = torch.optim.AdamW(rev.parameters(), lr=2e-3)
+    for _ in range(150):
+        loss, metrics = reverse_loss(rev, flow, x, y, rcfg, fcfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = recon_error()
+    assert after < before / 10, (before, after)
+    assert {"align", "denoise_mse", "psnr"} <= set(metrics)
+
+
+def test_training_cfg_with_w_zero_is_conditional_target():
+    guided, uncond = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    assert torch.equal(cfg_combine(guided, uncond, torch.zeros(3)), guided)
+    w = torch.tensor([0.0, 1.0, 3.0])
+    mixed = cfg_combine(guided, uncond, w)
+    # the guided output of the usual CFG formula recovers the conditional state
+    assert torch.allclose(mixed + w.view(-1, 1, 1, 1) * (mixed - uncond), guided, atol=1e-6)
+    # with guidance_max = 0 the loss never runs the unconditional stream
+    flow, rev, rcfg = tiny_pair(guidance_max=0.0)
+    x, y = data(2)
+    calls = []
+    rev.register_forward_hook(lambda *a: calls.append(1))
+    reverse_loss(rev, flow, x, y, rcfg, flow.config)
+    assert len(calls) == 1
+    rcfg.guidance_max = 2.0
+    reverse_loss(rev, flow, x, y, rcfg, flow.config)
+    assert len(calls) == 3
+
+
+def test_samplers_and_inpainting_shapes():
+    flow, rev, _ = tiny_pair()
+    x, y = data(2)
+    g = torch.Generator().manual_seed(0)
+    assert sample_biflow(rev, y, guidance=1.0, generator=g).shape == x.shape
+    assert sample_exact(flow, y, guidance=1.0, generator=g).shape == x.shape
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    out = inpaint(flow, rev, x, mask, y)
+    assert torch.equal(out[..., :4], x[..., :4]) and not torch.equal(out[..., 4:], x[..., 4:])
+
+
+def test_ema_tracks_and_copies():
+    model = torch.nn.Linear(3, 3)
+    ema = EMA(model, decay=0.5)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], w0 + 0.5)
+    copy = ema.model_copy(model)
+    assert torch.allclose(copy.weight, w0 + 0.5)
+
+
+@pytest.mark.parametrize("size,target_flow,target_rev", [("B/2", 120e6, 133e6)])
+def test_size_registry_parameter_counts(size, target_flow, target_rev):
+    fcfg = FlowConfig.from_size(size, image_size=32, channels=4, num_classes=1000)
+    flow_params = sum(p.numel() for p in TARFlow(fcfg).parameters())
+    rev_params = sum(p.numel() for p in ReverseModel(ReverseConfig.from_size(size), fcfg).parameters())
+    assert abs(flow_params / target_flow - 1) < 0.10, flow_params
+    assert abs(rev_params / target_rev - 1) < 0.10, rev_params
