@@ -49,6 +49,21 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@bench_app.command("sampling")
+@friendly_errors
+def bench_sampling_cmd(
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for JSON and PNG."),
+    preset: str = typer.Option("cpu-256tok", help="cpu-256tok (64x64x3, patch 4, 8 blocks), b2-latent, tiny."),
+    guidance: float = typer.Option(1.0, help="Guidance scale for the guided rows."),
+    batch: Optional[List[int]] = typer.Option(None, "--batch", help="Batch sizes (repeatable); default per preset."),
+    reps: int = typer.Option(3, help="Timed repetitions (median) of the fast paths."),
+) -> None:
+    """BiFlow 1-NFE vs the exact inverse (+Tweedie, +CFG), and KV cache vs recompute."""
+    from biflow.bench import bench_sampling
+
+    bench_sampling(out, preset=preset, guidance=guidance, batch_sizes=tuple(batch) if batch else None, reps=reps)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,27 @@
+import json
+
+from typer.testing import CliRunner
+
+from biflow.cli import app
+
+
+def test_bench_sampling_writes_json_with_ratios(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "sampling", "--preset", "tiny", "--out", str(tmp_path), "--reps", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "sampling-tiny.json").read_text())
+    assert (tmp_path / "sampling-tiny.png").stat().st_size > 1000
+    assert data["machine"]["device"] in ("cpu", "cuda") and data["machine"]["torch_threads"] >= 1
+    assert [r["batch"] for r in data["rows"]] == [1, 4]
+    for row in data["rows"]:
+        ms = row["ms_per_image"]
+        assert all(v > 0 for v in ms.values())
+        # Tweedie and guidance only ever add work to the exact inverse
+        assert ms["exact_kv_cfg_tweedie"] > ms["exact_kv"]
+        assert abs(row["speedup_biflow_vs_exact_kv"] - ms["exact_kv"] / ms["biflow_1nfe"]) < 1e-6 * ms["exact_kv"]
+    assert data["flow"]["tokens"] == 16 and data["flow"]["params"] > 0
+
+
+def test_bench_sampling_rejects_unknown_preset(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "sampling", "--preset", "huge", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown sampling preset 'huge'; choose from cpu-256tok" in result.output
