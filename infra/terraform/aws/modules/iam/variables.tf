@@ -1,0 +1,24 @@
+variable "name" {
+  description = "Fleet name, used in role names."
+  type        = string
+}
+
+variable "cluster_name" {
+  description = "Ray cluster_name: the autoscaler may only manage instances tagged ray-cluster-name=<cluster_name>."
+  type        = string
+}
+
+variable "bucket_arn" {
+  description = "ARN of the data bucket; the only bucket the nodes can touch."
+  type        = string
+}
+
+variable "kms_key_arn" {
+  description = "ARN of the bucket's KMS key."
+  type        = string
+}
+
+variable "vpc_arn" {
+  description = "ARN of the fleet's VPC; the autoscaler may launch only into it."
+  type        = string
+}
