@@ -49,6 +49,21 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@cluster_app.command("render")
+@friendly_errors
+def cluster_render_cmd(
+    terraform_output: Path = typer.Option(..., "--terraform-output", help="JSON from `terraform output -json`."),
+    out: Path = typer.Option(..., "--out", help="Directory for the rendered <provider>.yaml."),
+    provider: str = typer.Option("aws", "--provider", help="aws (infra/terraform/aws outputs) or gcp."),
+    template: Optional[Path] = typer.Option(None, "--template", help="Template; default cluster/<provider>.yaml."),
+) -> None:
+    """Write a ready Ray cluster launcher YAML from Terraform outputs (checked with Ray's schema)."""
+    from biflow.cluster import render
+
+    target = render(terraform_output, out, provider=provider, template=template)
+    typer.echo(f"wrote {target}  (next: ray up {target})")
+
+
 @bench_app.command("sampling")
 @friendly_errors
 def bench_sampling_cmd(
