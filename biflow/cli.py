@@ -79,6 +79,126 @@ def bench_sampling_cmd(
     bench_sampling(out, preset=preset, guidance=guidance, batch_sizes=tuple(batch) if batch else None, reps=reps)
 
 
+def _init_ray_for_data(num_cpus: Optional[int] = None) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local instance."""
+    import os
+
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}
+        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
+    DataContext.get_current().enable_progress_bars = False  # our own progress line instead
+
+
+def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
+    out = [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
+    return out or None
+
+
+@app.command("prepare-data")
+@friendly_errors
+def prepare_data_cmd(
+    source: str = typer.Argument("", help="Source folder (fashion-mnist: default /usr/share/datasets/fashion-mnist)."),
+    out: str = typer.Argument(..., help="Output root: local path, file:///path or s3://bucket/prefix."),
+    format: str = typer.Option(..., "--format", help="imagenet, folder or fashion-mnist."),
+    image_size: int = typer.Option(0, help="Resize shorter side + centre crop to N (0 = keep source size)."),
+    shard_size: float = typer.Option(128.0, "--shard-size", help="Target shard size in MB."),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to convert (repeatable or comma list)."),
+    endpoint: str = typer.Option("", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000."),
+    region: str = typer.Option("", help="S3 region."),
+    limit: int = typer.Option(0, help="Records per split (0 = all); a class-mixed prefix."),
+    channels: int = typer.Option(0, help="1 (grayscale) or 3 (RGB); 0 = the format's default."),
+    min_shards: int = typer.Option(8, help="At least this many shards per split (parallelism), >=256 records each."),
+    force: bool = typer.Option(False, help="Rewrite even when the manifest is up to date."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray instance (default: all)."),
+) -> None:
+    """Convert images into parquet shards + manifest.json (written last) on Ray Data."""
+    from biflow.data.shards import prepare_data
+    from biflow.data.storage import resolve
+
+    resolve(out, endpoint, region)  # a bad URI or a missing bucket fails before Ray starts
+    _init_ray_for_data(num_cpus)
+    prepare_data(source, out, format, image_size=image_size, shard_size_mb=shard_size, splits=_split_list(split),
+                 endpoint=endpoint, region=region, limit=limit, channels=channels, min_shards=min_shards,
+                 force=force)
+
+
+@app.command("prepare-latents")
+@friendly_errors
+def prepare_latents_cmd(
+    source: str = typer.Argument(..., help="Image shard root (from prepare-data)."),
+    out: str = typer.Argument(..., help="Latent shard root: local path or s3://bucket/prefix."),
+    autoencoder: str = typer.Option(..., help="diffusers AutoencoderKL: local folder or hub id."),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Splits (default: all of the source)."),
+    image_size: int = typer.Option(0, help="Resize/crop images to N before encoding (0 = stored size)."),
+    batch_size: int = typer.Option(32, help="Images per encoder call."),
+    dtype: str = typer.Option("float16", help="Stored latent dtype: float16 or float32."),
+    endpoint: str = typer.Option("", help="S3-compatible endpoint."),
+    region: str = typer.Option("", help="S3 region."),
+    limit: int = typer.Option(0, help="Records per split (0 = all)."),
+    force: bool = typer.Option(False, help="Rewrite even when up to date."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray instance (default: all)."),
+) -> None:
+    """Encode image shards into autoencoder latent shards (GPU actors when present)."""
+    from biflow.data.latents import prepare_latents
+    from biflow.data.storage import resolve
+
+    resolve(out, endpoint, region)
+    _init_ray_for_data(num_cpus)
+    prepare_latents(source, out, autoencoder, splits=_split_list(split), endpoint=endpoint, region=region,
+                    image_size=image_size, batch_size=batch_size, dtype=dtype, limit=limit, force=force)
+
+
+@bench_app.command("data")
+@friendly_errors
+def bench_data_cmd(
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for the JSON."),
+    source: str = typer.Option("", help="Fashion-MNIST folder (default: the Debian path); synthetic JPEGs if absent."),
+    images: int = typer.Option(10000, help="Images to convert and stream."),
+    batch_size: int = typer.Option(64, help="Batch size of the consumer."),
+    steps: int = typer.Option(60, help="Training steps for the data-wait measurement."),
+    model: str = typer.Option("auto", help="auto (quickstart TARFlow if importable), standin."),
+    num_cpus: int = typer.Option(2, help="CPUs for the local Ray instance (same cores as the PIL loop)."),
+) -> None:
+    """Pipeline images/s from a local S3 server vs a single-process PIL loop, and data-wait fraction."""
+    from biflow.data.bench import bench_data
+
+    train_step, desc = (None, "") if model == "standin" else _flow_train_step(batch_size)
+    bench_data(out, source=source, images=images, batch_size=batch_size, steps=steps, train_step=train_step,
+               model_desc=desc, num_cpus=num_cpus)
+
+
+def _flow_train_step(batch_size: int):
+    """One NLL step of the default (quickstart-sized) TARFlow on 28x28x1, or the
+    stand-in when the model code is not importable."""
+    try:
+        import torch
+
+        from biflow.config import FlowConfig
+        from biflow.models import TARFlow
+    except ImportError:
+        return None, ""
+    cfg = FlowConfig()
+    flow = TARFlow(cfg)
+    opt = torch.optim.AdamW(flow.parameters(), 3e-4)
+
+    def step(x, y):
+        x = x + cfg.noise_std * torch.randn_like(x)
+        out = flow(x, y)
+        loss = (0.5 * out.z.pow(2).flatten(1).sum(1) - out.logdet).mean() / cfg.num_dims
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    params = sum(p.numel() for p in flow.parameters())
+    return step, (f"TARFlow FlowConfig() defaults: {cfg.image_size}x{cfg.image_size}x{cfg.channels}, patch "
+                  f"{cfg.patch_size}, width {cfg.width}, {cfg.num_blocks}x{cfg.depth} layers, "
+                  f"{params / 1e6:.2f}M params, AdamW, batch {batch_size}")
+
+
 def main() -> None:
     app()
 

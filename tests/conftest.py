@@ -18,6 +18,12 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fake S3 credentials (the ones s3_server uses), exported before any Ray instance
+# starts: Ray workers inherit the environment at start, whichever fixture runs first.
+# Tests never sign requests with real credentials.
+os.environ.update(AWS_ACCESS_KEY_ID="testing-key", AWS_SECRET_ACCESS_KEY="testing-secret",
+                  AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_SESSION_TOKEN", None)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -38,6 +38,13 @@ from biflow.data import storage
 from biflow.data.shards import Manifest, read_manifest, resize_center_crop
 
 
+def _output(x: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {"x": np.ascontiguousarray(x), "y": batch["label"].astype(np.int64)}
+    if "key" in batch:
+        out["key"] = batch["key"]
+    return out
+
+
 class DecodeImages:
     """Encoded bytes -> uint8 (B, C, H, W), resized/cropped to ``image_size``,
     optionally flipped left-right with probability 1/2."""
@@ -63,7 +70,7 @@ class DecodeImages:
         if self.random_flip:
             flip = self.rng.random(len(x)) < 0.5
             x[flip] = x[flip, :, :, ::-1]
-        return {"x": np.ascontiguousarray(x), "y": batch["label"].astype(np.int64)}
+        return _output(x, batch)
 
 
 class DecodeLatents:
@@ -83,18 +90,19 @@ class DecodeLatents:
         if self.random_flip:
             flip = self.rng.random(len(x)) < 0.5
             x[flip] = x[flip, :, :, ::-1]
-        return {"x": np.ascontiguousarray(x), "y": batch["label"].astype(np.int64)}
+        return _output(x, batch)
 
 
 def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: int | None = None,
                   channels: int | None = None, *, train: bool = True, seed: int = 0, limit: int = 0,
-                  normalize_latents: bool = True, batch_size: int = 256,
+                  normalize_latents: bool = True, batch_size: int = 256, with_keys: bool = False,
                   manifest: Manifest | None = None) -> "ray.data.Dataset":  # noqa: F821
     """A streaming dataset of ``{"x": uint8 (B,C,H,W) or float32 latents, "y": int64}``.
 
     ``image_size``/``channels`` default to what the manifest stored. ``train``
     turns on the shuffled file order and ``data_cfg.random_flip``; otherwise
-    the order is the manifest's and nothing is random (evaluation).
+    nothing is random (evaluation; every record once, in no particular order).
+    ``with_keys`` keeps the ``key`` column (tests, debugging).
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -108,14 +116,15 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
     if limit:
         ds = ds.limit(limit)
     flip = train and data_cfg.random_flip
+    extra = ["key"] if with_keys else []
     if manifest.kind == "latents":
         mean = manifest.data.get("latent_mean") if normalize_latents else None
         std = manifest.data.get("latent_std") if normalize_latents else None
         decode: Any = DecodeLatents(manifest.data["latent_shape"], manifest.data["latent_dtype"], mean, std, flip)
-        ds = ds.select_columns(["latent", "label"])
+        ds = ds.select_columns(["latent", "label"] + extra)
     else:
         decode = DecodeImages(image_size or manifest.image_size, channels or manifest.channels, flip)
-        ds = ds.select_columns(["image", "label"])
+        ds = ds.select_columns(["image", "label"] + extra)
     return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy", zero_copy_batch=False)
 
 
@@ -157,7 +166,7 @@ def iter_split(data_cfg: DataConfig, split: str | None = None, batch_size: int =
                channels: int | None = None, drop_last: bool = False,
                device: Any = "cpu") -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
     """The same batches without Ray Train (evaluation, tests, notebooks): the whole
-    split in manifest order unless ``train``."""
+    split once, without augmentation unless ``train``."""
     ds = build_dataset(data_cfg, split, image_size, channels, train=train, seed=seed, limit=limit)
     yield from iter_worker_batches(ds, batch_size, epoch=epoch, seed=seed,
                                    shuffle_buffer=data_cfg.shuffle_buffer if train else 0,
