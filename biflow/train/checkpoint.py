@@ -1,0 +1,182 @@
+"""Checkpoints: what is in one, where runs keep them, how to find and export one.
+
+A checkpoint directory, as Ray Train stores it under ``STORAGE/RUN/``::
+
+    checkpoint_00000200/
+      metadata.json        step, epoch, data position, config, versions (rank 0)
+      ema.safetensors      full fp32 EMA weights + config in the header (rank 0)
+      deepspeed/...        DeepSpeed engine state, one file per rank for ZeRO
+      ddp_state.pt         (plain DDP engine instead of DeepSpeed)
+
+Every rank writes its engine state into its own local temp dir and reports it;
+Ray merges the directories. The directory name carries the global step, so the
+latest checkpoint of a run is the one with the largest number.
+
+Nothing here reads environment variables or credentials: the filesystem comes
+from :func:`biflow.data.storage.resolve`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from biflow.data import storage
+from biflow.errors import UserError
+
+METADATA = "metadata.json"
+EMA_FILE = "ema.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every checkpoint."""
+    import biflow
+
+    out = {"biflow": biflow.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("ray", "deepspeed"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # pragma: no cover - optional at export time
+            pass
+    return out
+
+
+def write_rank0_files(directory: str | Path, ema_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """metadata.json and ema.safetensors (config JSON in the safetensors header)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    metadata = {**metadata, "versions": versions()}
+    (directory / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    header = {"format": "biflow-ema", "stage": str(metadata.get("stage", "")), "step": str(metadata.get("step", "")),
+              "config": json.dumps(metadata.get("config", {}), sort_keys=True)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ema_state.items()}
+    save_file(tensors, str(directory / EMA_FILE), metadata=header)
+
+
+@dataclass
+class CheckpointRef:
+    """A checkpoint found in storage: filesystem, path and its step."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+    step: int
+
+    def read(self, name: str) -> bytes:
+        try:
+            return storage.read_bytes(self.fs, storage.join(self.path, name))
+        except (OSError, FileNotFoundError) as exc:
+            raise UserError(f"cannot read {name} from checkpoint {self.uri}: {str(exc).splitlines()[0]}") from None
+
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(self.read(METADATA))
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(self.read(EMA_FILE))
+
+
+def _join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _checkpoints_in(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]]:
+    selector = pafs.FileSelector(run_path, recursive=False, allow_not_found=True)
+    found = []
+    for info in fs.get_file_info(selector):
+        m = CHECKPOINT_RE.match(posixpath.basename(info.path))
+        if m and info.type == pafs.FileType.Directory and storage.exists(fs, storage.join(info.path, EMA_FILE)):
+            found.append((int(m.group(1)), posixpath.basename(info.path)))
+    return sorted(found)
+
+
+def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region: str = "",
+                    key: str = "train.forward_checkpoint") -> CheckpointRef:
+    """Resolve ``ref`` to one checkpoint.
+
+    ``ref`` may be a checkpoint directory (local path or s3:// URI), a run
+    directory (the latest checkpoint in it is used) or a bare run name, looked
+    up under ``storage_uri``. Errors name ``key`` and where it looked.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise UserError(f"{key} is empty: give a stage-1 run name or a checkpoint path/URI")
+    candidates = []
+    is_uri = "://" in ref or ref.startswith(("/", ".", "~")) or Path(ref).exists()
+    if is_uri:
+        candidates.append(ref)
+    if storage_uri and "://" not in ref:
+        candidates.append(_join_uri(storage_uri, ref))
+    looked = []
+    for uri in candidates:
+        fs, path = storage.resolve(uri, endpoint, region)
+        looked.append(uri)
+        if storage.exists(fs, storage.join(path, EMA_FILE)):
+            m = CHECKPOINT_RE.match(posixpath.basename(path))
+            step = int(m.group(1)) if m else -1
+            return CheckpointRef(fs, path, uri, step)
+        found = _checkpoints_in(fs, path)
+        if found:
+            step, name = found[-1]
+            return CheckpointRef(fs, storage.join(path, name), _join_uri(uri, name), step)
+    raise UserError(f"{key}={ref!r}: no checkpoint found (looked in {', '.join(looked)}); "
+                    f"train the forward stage first, or give a run name under the run storage or a checkpoint URI")
+
+
+def latest_checkpoint(run_uri: str, endpoint: str = "", region: str = "") -> CheckpointRef | None:
+    """The latest complete checkpoint of a run directory, or None."""
+    fs, path = storage.resolve(run_uri, endpoint, region)
+    found = _checkpoints_in(fs, path)
+    if not found:
+        return None
+    step, name = found[-1]
+    return CheckpointRef(fs, storage.join(path, name), _join_uri(run_uri, name), step)
+
+
+def export(ref: str, out: str | Path, storage_uri: str = "", endpoint: str = "", region: str = "") -> Path:
+    """Write the EMA weights of a checkpoint as ``OUT`` (safetensors, config in
+    the header) plus ``OUT`` with suffix ``.yaml`` (the run's config)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    ckpt = find_checkpoint(ref, storage_uri, endpoint, region, key="CHECKPOINT")
+    meta = ckpt.metadata()
+    state = ckpt.ema_state()
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out / "model.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "biflow-ema", "stage": str(meta.get("stage", "")), "step": str(meta.get("step", "")),
+              "config": json.dumps(meta.get("config", {}), sort_keys=True), "source": ckpt.uri}
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        pass
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp.name, metadata=header)
+    Path(tmp.name).replace(out)
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(meta.get("config", {}), sort_keys=False))
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, config dict) from a file written by :func:`export` or a checkpoint's ema.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    return load_file(str(path)), json.loads(header.get("config", "{}"))

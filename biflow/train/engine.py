@@ -1,0 +1,419 @@
+"""Training engines: DeepSpeed ZeRO and plain PyTorch DDP behind one interface.
+
+The loop only talks to :class:`Engine`:
+
+    with engine.accumulate():               # no grad sync until the boundary
+        loss = loss_fn(engine.model, ...)   # engine.model is callable like the module
+    engine.backward(loss)
+    applied = engine.step()                 # call every micro-step; True when an update happened
+
+Both engines use the same optimizer (torch AdamW), the same warmup + cosine
+schedule and the same clipping, so they can be compared step for step
+(``biflow bench train``). Ray appears nowhere here: the process group is the
+one Ray Train created.
+
+:class:`ParamEMA` keeps an fp32 exponential moving average of the weights.
+Under ZeRO-3 each rank averages only its own parameter partition and the full
+weights are all-gathered when saved, so the EMA costs 1/world of the model per
+rank, like the parameters themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from biflow.config import ExperimentConfig, OptimConfig
+
+DS_TAG = "deepspeed"
+DDP_STATE = "ddp_state.pt"
+
+
+# ---------------------------------------------------------------------------
+# Device, precision, schedule
+# ---------------------------------------------------------------------------
+
+
+def resolve_device() -> torch.device:
+    """The worker's device: the GPU Ray assigned, else the CPU."""
+    if torch.cuda.is_available():
+        try:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        except Exception:  # outside Ray Train
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+    warmup = max(0, min(optim.warmup_steps, total_steps - 1))
+    floor = optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # foreach=False: DeepSpeed's ZeRO wrappers replace param lists, keep it simple
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), foreach=False)
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from the typed config only."""
+    train = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage in (1, 2):
+        ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True)
+    if train.zero_stage == 3:
+        # gather small parameters too, so ZeRO-3 really partitions small models
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, overlap_comm=False)
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    return ds
+
+
+# ---------------------------------------------------------------------------
+# Collectives (no-ops in a single process)
+# ---------------------------------------------------------------------------
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks agree)."""
+    if not _dist_on():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce for all of them)."""
+    if not _dist_on() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+class ParamEMA:
+    """fp32 EMA of a module's parameters, ZeRO-3 aware.
+
+    Under ZeRO-3 (parameters carry ``ds_tensor``) the average is kept per rank
+    over the local partition only; :meth:`full_state_dict` all-gathers it
+    (a collective: call it on every rank). Buffers are not averaged; they are
+    copied from the live module when the state is taken.
+
+    The effective decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so short
+    runs still get a useful average.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module = module
+        self.decay = decay
+        self.num_updates = 0
+        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.sharded = any(_is_zero3_param(p) for _, p in self.params)
+        self.shadow = [self._local(p).detach().float().clone() for _, p in self.params]
+
+    def _local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor.view(-1) if self.sharded else p.data
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
+        live = [self._local(p).float() for _, p in self.params]
+        torch._foreach_mul_(self.shadow, d)
+        torch._foreach_add_(self.shadow, live, alpha=1.0 - d)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA weights (+ buffers) on CPU, on every rank."""
+        out: dict[str, torch.Tensor] = {}
+        if self.sharded:
+            flat = torch.cat(self.shadow)
+            parts = [torch.empty_like(flat) for _ in range(world_size())]
+            if world_size() > 1:
+                dist.all_gather(parts, flat)
+            else:
+                parts = [flat]
+            offset = 0
+            for (name, p), shard in zip(self.params, self.shadow):
+                n = shard.numel()
+                full = torch.cat([part[offset : offset + n] for part in parts])[: p.ds_numel]
+                out[name] = full.view(p.ds_shape).cpu().clone()
+                offset += n
+        else:
+            for (name, _), s in zip(self.params, self.shadow):
+                out[name] = s.cpu().clone()
+        for name, b in self.module.named_buffers():
+            out[name] = b.detach().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n, _ in self.params if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks parameters: {missing[:5]}")
+        for (name, p), shard in zip(self.params, self.shadow):
+            full = state[name].float().flatten().to(shard.device)
+            if self.sharded:
+                n = shard.numel()
+                padded = torch.zeros(n * world_size(), device=shard.device)
+                padded[: full.numel()] = full
+                shard.copy_(padded[rank() * n : (rank() + 1) * n])
+            else:
+                shard.copy_(full.view_as(shard))
+
+    def state(self) -> dict[str, Any]:
+        return {"num_updates": self.num_updates, "decay": self.decay}
+
+
+# ---------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------
+
+
+class Engine:
+    """What the loop needs from an engine. Subclasses: DeepSpeed and DDP."""
+
+    model: nn.Module  # call this for the forward pass (wrapped; attribute access falls through)
+    module: nn.Module  # the bare module (for EMA, export)
+    device: torch.device
+    precision: str
+    grad_accum: int
+
+    def __init__(self) -> None:
+        self.micro_step = 0
+        self.overflow_steps = 0  # updates skipped because gradients were not finite
+        self.last_grad_norm = float("nan")
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def is_boundary(self) -> bool:
+        """True when the next ``step()`` applies an optimizer update."""
+        return (self.micro_step + 1) % self.grad_accum == 0
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Collective: every rank calls it with the directory it will report."""
+        raise NotImplementedError
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Collective: restore model, optimizer, schedule; return client_state."""
+        raise NotImplementedError
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
+        super().__init__()
+        import deepspeed
+
+        self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
+        self.ds_config = deepspeed_config(cfg, world_size(), precision)
+        optimizer = build_optimizer(module, cfg.optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps))
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.model = self.ds
+        self.module = self.ds.module
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.is_boundary()
+        self.ds.step()
+        self.micro_step += 1
+        if not boundary:
+            return False
+        norm = self.ds.get_global_grad_norm()
+        self.last_grad_norm = float(norm) if norm is not None else float("nan")
+        applied = bool(self.ds.was_step_applied())
+        if not applied:
+            self.overflow_steps += 1
+        return applied
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        path, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {directory}/{DS_TAG}")
+        return client_state or {}
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP whose attributes fall through to the wrapped module (like DeepSpeed's)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+class DDPEngine(Engine):
+    """Plain PyTorch data parallel with the same optimizer, schedule and clipping."""
+
+    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
+        super().__init__()
+        self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
+        self.module = module.to(device)
+        self.grad_clip = cfg.optim.grad_clip
+        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.optim, cfg.train.steps))
+        if world_size() > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = _DDP(self.module, device_ids=ids)
+        else:
+            self.model = self.module
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        if isinstance(self.model, _DDP) and not self.is_boundary():
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        boundary = self.is_boundary()
+        self.micro_step += 1
+        if not boundary:
+            return False
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        self.last_grad_norm = float(norm)
+        applied = math.isfinite(self.last_grad_norm)  # grads are all-reduced: every rank agrees
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.overflow_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        if rank() == 0:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "client_state": client_state}
+            torch.save(state, Path(directory) / DDP_STATE)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        state = torch.load(Path(directory) / DDP_STATE, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client_state"]
+
+
+def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device | None = None) -> Engine:
+    """DeepSpeed (``train.engine: deepspeed``) or plain DDP (``ddp``)."""
+    device = device or resolve_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.engine == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        return DeepSpeedEngine(module, cfg, device, precision)
+    return DDPEngine(module, cfg, device, precision)
+

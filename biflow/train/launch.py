@@ -1,0 +1,167 @@
+"""Assemble and run a ``TorchTrainer`` for one stage.
+
+Everything that can be wrong with a run is checked here, on the driver, before
+any worker starts: the config (keys named), the run storage (bucket exists),
+the data manifest, the stage-1 checkpoint of a reverse run, and that a resumed
+run keeps the world size its ZeRO state was written with.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from biflow.config import ConfigError, ExperimentConfig, FlowConfig, from_dict, to_dict
+from biflow.errors import UserError
+from biflow.train import checkpoint as ckpt_io
+from biflow.train.loop import RunInfo, train_loop
+
+WORKER_ENV = {"AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class TrainingFailed(UserError):
+    """The run stopped with an error; the message is the worker's, in one line."""
+
+
+def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None = None,
+            workers: int | None = None) -> tuple[ExperimentConfig, RunInfo]:
+    """Validate and resolve everything a run needs; raises UserError naming the key."""
+    from biflow.data import storage as storage_mod
+
+    if name:
+        cfg.name = name
+    if storage:
+        cfg.ray.storage = storage
+    if workers:
+        cfg.ray.workers = workers
+    cfg.validate()
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name={cfg.name!r}: a run name must be non-empty and contain no '/'")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints must be >= 1")
+    run = RunInfo(name=cfg.name, storage=cfg.ray.storage, endpoint=cfg.ray.storage_endpoint)
+    storage_mod.resolve(run.storage, run.endpoint, run.region)  # bucket exists, URI is well formed
+
+    if cfg.stage == "reverse":
+        if not cfg.train.forward_checkpoint:
+            raise ConfigError("train.forward_checkpoint is required for the reverse stage: "
+                              "a stage-1 run name (under ray.storage) or a checkpoint path/URI")
+        ref = ckpt_io.find_checkpoint(cfg.train.forward_checkpoint, run.storage, run.endpoint, run.region)
+        meta = ref.metadata()
+        if meta.get("stage") != "forward":
+            raise ConfigError(f"train.forward_checkpoint={cfg.train.forward_checkpoint!r} is a "
+                              f"{meta.get('stage')!r} checkpoint; the reverse stage needs a forward-stage one")
+        cfg.flow = from_dict(FlowConfig, meta["config"]["flow"], "flow")  # the flow as it was trained
+        run.forward_checkpoint = ref.uri
+
+    latest = ckpt_io.latest_checkpoint(run.uri, run.endpoint, run.region)
+    if latest is not None:
+        meta = latest.metadata()
+        if meta.get("stage", cfg.stage) != cfg.stage:
+            raise ConfigError(f"name={cfg.name!r}: run {run.uri} holds {meta['stage']!r} checkpoints; "
+                              f"choose another --name for the {cfg.stage} stage")
+        if meta.get("world_size") != cfg.ray.workers:
+            raise ConfigError(f"ray.workers={cfg.ray.workers}: run {run.uri} was checkpointed with "
+                              f"{meta.get('world_size')} workers and ZeRO state only resumes at the same "
+                              f"world size; use --workers {meta.get('world_size')} or a new --name")
+    return cfg, run
+
+
+def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
+    """Connect to a cluster (``--address`` / RAY_ADDRESS) or start a small local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # Ray Data needs CPU slots beside the training workers, or reading stalls.
+    cpus = max(os.cpu_count() or 1, int(cfg.ray.workers * cfg.ray.cpus_per_worker) + 2)
+    ray.init(num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+             dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+
+
+def _use_gpu(cfg: ExperimentConfig) -> bool:
+    import ray
+
+    if cfg.ray.use_gpu == "yes":
+        return True
+    if cfg.ray.use_gpu == "no":
+        return False
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] | None = None,
+                  hooks: dict[str, Any] | None = None):
+    """The TorchTrainer for a prepared config (Ray must be initialised)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from biflow.data import storage as storage_mod
+
+    use_gpu = _use_gpu(cfg)
+    if datasets is None:
+        from biflow.data.pipeline import build_dataset
+
+        datasets = {"train": build_dataset(cfg.data, cfg.data.split, cfg.flow.image_size, cfg.flow.channels,
+                                           train=True, seed=cfg.train.seed)}
+    env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run_config = RunConfig(
+        name=run.name,
+        **storage_mod.ray_storage(run.storage, run.endpoint, run.region),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        worker_runtime_env={"env_vars": env},
+    )
+    loop_config = {"experiment": to_dict(cfg), "run": vars(run).copy(), "hooks": dict(hooks or {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+    )
+
+
+def fit(cfg: ExperimentConfig, name: str | None = None, storage: str | None = None, address: str | None = None,
+        *, workers: int | None = None, datasets: dict[str, Any] | None = None,
+        hooks: dict[str, Any] | None = None):
+    """Train one stage. Rerunning with the same name and storage resumes.
+
+    ``datasets`` replaces the Ray Data dataset built from ``cfg.data`` (tests,
+    notebooks); ``hooks`` are test hooks passed to the loop. Returns Ray's
+    ``Result`` (``.checkpoint``, ``.metrics``, ``.path``).
+    """
+    from ray.train import TrainingFailedError
+
+    cfg, run = prepare(cfg, name, storage, workers)
+    if datasets is None:
+        from biflow.data.shards import read_manifest
+
+        read_manifest(cfg.data.uri, cfg.data.endpoint, cfg.data.region)  # fails early, naming data.uri
+    init_ray(address, cfg)
+    trainer = build_trainer(cfg, run, datasets, hooks)
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrainingFailed(f"{cfg.stage} run {run.name!r} failed: {_worker_message(exc)} "
+                             f"(checkpoints and logs under {run.uri})") from exc
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The most useful line of a Ray Train failure: the worker's own exception."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for err in failures.values():
+        cause = err
+        while getattr(cause, "cause", None) is not None and cause is not cause.cause:
+            cause = cause.cause
+        text = str(cause).strip().splitlines()
+        for line in reversed(text):
+            if line.strip() and not line.startswith(" "):
+                return line.strip()
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

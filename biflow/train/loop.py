@@ -1,0 +1,454 @@
+"""The per-worker training loop: one function for both stages, used unchanged
+by ``TorchTrainer`` on a laptop and on a cluster.
+
+Read it top to bottom in :func:`train_loop`:
+
+1. build the stage (forward flow, or reverse model + frozen flow),
+2. wrap it in an engine (DeepSpeed ZeRO or DDP) and an EMA,
+3. resume from ``ray.train.get_checkpoint()`` if the run has one,
+4. step: forward, NaN/inf guard (all ranks agree), backward, optimizer step, EMA,
+5. every ``log_every`` steps: TensorBoard + a console line (rank 0),
+   every ``sample_every``: a sample grid, every ``checkpoint_every`` and at the
+   end: a checkpoint reported by every rank.
+
+``train_loop_config`` is ``{"experiment": to_dict(cfg), "run": {...}, "hooks": {...}}``:
+``run`` carries the run name, storage URI and the resolved forward checkpoint;
+``hooks`` are test hooks (``nan_at_steps``: a list of step numbers, each entry
+makes one attempt at that step produce a NaN loss).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from biflow.config import ExperimentConfig, FlowConfig, from_dict, load_config, to_dict
+from biflow.train import checkpoint as ckpt_io
+from biflow.train.engine import (Engine, ParamEMA, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
+                                 world_size)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resume needs."""
+
+    step: int = 0  # optimizer updates applied (the global step)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # data position: batches consumed in ``epoch`` by each worker
+    samples_seen: int = 0  # over all workers
+    skipped_steps: int = 0  # attempts skipped for a non-finite loss or gradient
+    ema_updates: int = 0
+
+
+@dataclass
+class RunInfo:
+    name: str = "biflow"
+    storage: str = "runs"  # run storage root (local dir or s3://)
+    endpoint: str = ""
+    region: str = ""
+    forward_checkpoint: str = ""  # resolved URI of the stage-1 checkpoint (reverse stage)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.rstrip("/") + "/" + self.name
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.storage or self.storage.startswith("file://")
+
+
+# ---------------------------------------------------------------------------
+# Stages: what is trained, its loss and how to sample it
+# ---------------------------------------------------------------------------
+
+
+class ForwardStage:
+    """Stage 1: the forward flow F by maximum likelihood."""
+
+    name = "forward"
+
+    def __init__(self, cfg: ExperimentConfig, run: RunInfo, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def build(self) -> nn.Module:
+        from biflow.models import TARFlow
+
+        return TARFlow(self.cfg.flow)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None):
+        from biflow.losses import forward_loss
+
+        return forward_loss(model, x, y, self.cfg.flow, generator=generator)
+
+    def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
+        from biflow.sampling import sample_exact
+
+        return sample_exact(module, y, tweedie=True, num=16, generator=generator)
+
+
+class ReverseStage(ForwardStage):
+    """Stage 2: the reverse model G against the frozen forward flow (EMA weights)."""
+
+    name = "reverse"
+
+    def __init__(self, cfg: ExperimentConfig, run: RunInfo, device: torch.device):
+        super().__init__(cfg, run, device)
+        from biflow.models import TARFlow
+
+        ref = ckpt_io.find_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region)
+        meta = ref.metadata()
+        flow_cfg = from_dict(FlowConfig, meta["config"]["flow"], "flow")
+        self.flow = TARFlow(flow_cfg)
+        self.flow.load_state_dict(ref.ema_state())
+        self.flow.to(device).eval().requires_grad_(False)
+        self.flow_cfg = flow_cfg
+        self.feature_net = None
+        if cfg.reverse.perceptual_weight > 0:
+            from biflow.perceptual import build_feature_net
+
+            net = build_feature_net(cfg.reverse.perceptual)
+            self.feature_net = net.to(device).eval().requires_grad_(False) if net is not None else None
+
+    def build(self) -> nn.Module:
+        from biflow.models import ReverseModel
+
+        return ReverseModel(self.cfg.reverse, self.flow_cfg)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None):
+        from biflow.losses import reverse_loss
+
+        return reverse_loss(model, self.flow, x.float(), y, self.cfg.reverse, self.flow_cfg,
+                            feature_net=self.feature_net, generator=generator)
+
+    def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
+        from biflow.sampling import sample_biflow
+
+        w = self.cfg.reverse.guidance_max / 2 if y is not None else 0.0
+        return sample_biflow(module, y, guidance=w, num=16, generator=generator)
+
+
+STAGES = {"forward": ForwardStage, "reverse": ReverseStage}
+
+
+# ---------------------------------------------------------------------------
+# Logging (rank 0)
+# ---------------------------------------------------------------------------
+
+
+class Logger:
+    """TensorBoard scalars/images and a console progress line, on rank 0 only.
+
+    With remote run storage the event files are written to a local directory
+    and copied to ``RUN/tensorboard`` at every checkpoint.
+    """
+
+    def __init__(self, run: RunInfo, stage: str, total_steps: int, enabled: bool):
+        self.enabled, self.stage, self.total = enabled, stage, total_steps
+        self.run = run
+        self.writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if run.is_local:
+            from biflow.data import storage
+
+            _, path = storage.resolve(run.uri)
+            self.log_dir = Path(path) / "tensorboard"
+        else:
+            self.log_dir = Path(tempfile.mkdtemp(prefix=f"biflow-tb-{run.name}-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for k, v in values.items():
+                if v is not None and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def console(self, step: int, loss: float, extra: str, samples_per_s: float, steps_per_s: float) -> None:
+        if not self.enabled:
+            return
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+        width = len(str(self.total))
+        print(f"[{self.stage}] step {step:>{width}}/{self.total} | loss {loss:.4f}{extra} | "
+              f"{samples_per_s:,.0f} img/s | ETA {_fmt_duration(eta)}", flush=True)
+
+    def image(self, step: int, images: torch.Tensor) -> None:
+        if not self.writer:
+            return
+        from biflow.metrics import make_grid, save_grid
+
+        path = save_grid(images, self.log_dir / "samples" / f"step_{step:08d}.png", nrow=8)
+        grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=8).add(1).div(2)
+        self.writer.add_image("samples", grid, step)
+        print(f"[{self.stage}] step {step}: samples -> {path}", flush=True)
+
+    def sync(self) -> None:
+        """Copy the local log dir to remote storage (no-op for local runs)."""
+        if not self.writer or self.run.is_local:
+            return
+        import pyarrow.fs as pafs
+
+        from biflow.data import storage
+
+        self.writer.flush()
+        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region)
+        try:
+            pafs.copy_files(str(self.log_dir), storage.join(path, "tensorboard"),
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except OSError as exc:  # logs are best effort; training goes on
+            print(f"[{self.stage}] warning: could not upload TensorBoard logs: {str(exc).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.sync()
+            self.writer.close()
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def _batches(cfg: ExperimentConfig, state: TrainState) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(epoch, index, x, y)`` forever, epoch after epoch, from this worker's shard.
+
+    A resumed run restarts its interrupted epoch (the shard stream cannot seek);
+    ``state.batch_in_epoch`` records how far it had got.
+    """
+    import ray.train
+
+    from biflow.data.pipeline import iter_worker_batches
+
+    shard = ray.train.get_dataset_shard("train")
+    epoch = state.epoch
+    while True:
+        n = -1
+        for n, (x, y) in enumerate(iter_worker_batches(shard, cfg.train.batch_size, epoch=epoch,
+                                                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                                       prefetch_batches=cfg.data.prefetch_batches, device="cpu")):
+            yield epoch, n, x, y
+        if n < 0:
+            raise RuntimeError(f"the training data gave this worker no batch of train.batch_size="
+                               f"{cfg.train.batch_size}; use a smaller batch or more data")
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def save_checkpoint(engine: Engine, ema: ParamEMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
+                    metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None) -> None:
+    """Collective: every rank saves engine state to a local dir and reports it."""
+    import ray.train
+
+    directory = tempfile.mkdtemp(prefix=f"biflow-ckpt-{state.step:08d}-")
+    state.ema_updates = ema.num_updates
+    engine.save(directory, {"biflow": dataclasses.asdict(state), "world_size": world_size()})
+    ema_full = ema_full if ema_full is not None else ema.full_state_dict()
+    if rank() == 0:
+        meta = {"stage": cfg.stage, "run": run.name, "world_size": world_size(), "engine": cfg.train.engine,
+                "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg), **dataclasses.asdict(state),
+                "data_position": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                                  "samples_seen": state.samples_seen}}
+        ckpt_io.write_rank0_files(directory, ema_full, meta)
+    ray.train.report({**metrics, "step": state.step, "skipped_steps": state.skipped_steps},
+                     checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_dir_name=ckpt_io.checkpoint_dir_name(state.step),
+                     delete_local_checkpoint_after_upload=True)
+
+
+def restore(engine: Engine, ema: ParamEMA, checkpoint: Any) -> TrainState:
+    """Load engine state, EMA and the train state from the run's latest checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as directory:
+        meta = json.loads((Path(directory) / ckpt_io.METADATA).read_text())
+        if meta.get("world_size", world_size()) != world_size():
+            raise RuntimeError(
+                f"the checkpoint in this run was written by {meta['world_size']} workers but this run has "
+                f"{world_size()}; ZeRO state only loads at the same world size: set ray.workers="
+                f"{meta['world_size']} (or start a new run name and reverse.../train.forward_checkpoint from its EMA)")
+        client = engine.load(directory)
+        ema.load_full_state_dict(load_file(str(Path(directory) / ckpt_io.EMA_FILE)))
+    state = TrainState(**client["biflow"])
+    ema.num_updates = state.ema_updates
+    return state
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+class NanInjector:
+    """Test hook: each listed step number makes one attempt at that step NaN."""
+
+    def __init__(self, steps: list[int] | None):
+        self.remaining = collections.Counter(steps or [])
+
+    def fire(self, step: int) -> bool:
+        if self.remaining[step] > 0:
+            self.remaining[step] -= 1
+            return True
+        return False
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function for both stages."""
+    import ray.train
+
+    cfg: ExperimentConfig = load_config(config["experiment"])
+    run = RunInfo(**config.get("run", {}))
+    hooks = config.get("hooks", {}) or {}
+    device = resolve_device()
+    torch.manual_seed(cfg.train.seed + 1000 * rank())
+    threads = int(os.environ.get("BIFLOW_TORCH_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank())
+
+    stage = STAGES[cfg.stage](cfg, run, device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    module = stage.build()
+    engine = build_engine(module, cfg, device)
+    ema = ParamEMA(engine.module, cfg.optim.ema_decay)
+    is_rank0 = rank() == 0
+    say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = restore(engine, ema, checkpoint)
+        say(f"resumed {run.name} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
+    start_step = state.step
+    total = cfg.train.steps
+    nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    say(f"{run.name}: {nparams / 1e6:.2f}M params, {world_size()} workers, engine {cfg.train.engine}"
+        f"{' ZeRO-' + str(cfg.train.zero_stage) if cfg.train.engine == 'deepspeed' else ''}, {engine.precision}, "
+        f"device {device.type}, batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
+
+    logger = Logger(run, cfg.stage, total, enabled=is_rank0)
+    nan_injector = NanInjector(hooks.get("nan_at_steps"))
+    batches = _batches(cfg, state)
+    window: dict[str, float] = collections.defaultdict(float)
+    window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
+    consecutive_bad = 0
+    last_metrics: dict[str, float] = {}
+    sample_labels = None
+    if cfg.flow.num_classes > 0:
+        sample_labels = torch.arange(16, device=device) % cfg.flow.num_classes
+
+    def bad_step(reason: str) -> None:
+        nonlocal consecutive_bad
+        state.skipped_steps += 1
+        consecutive_bad += 1
+        say(f"step {state.step + 1}: {reason}; skipped (consecutive {consecutive_bad}, total {state.skipped_steps})")
+        if consecutive_bad >= cfg.train.max_bad_steps:
+            kept = f"step {state.step - state.step % cfg.train.checkpoint_every}" if state.step >= cfg.train.checkpoint_every else "none yet"
+            raise TrainingDiverged(
+                f"stopping: {consecutive_bad} consecutive non-finite steps at step {state.step + 1} "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint ({kept}) is kept. "
+                f"Try a lower optim.lr, a smaller optim.grad_clip or a larger optim.warmup_steps.")
+
+    while state.step < total:
+        # one optimizer step = grad_accum micro-batches with a finite loss
+        while True:
+            t_wait = time.perf_counter()
+            epoch, index, x, y = next(batches)
+            window_wait += time.perf_counter() - t_wait
+            state.epoch, state.batch_in_epoch = epoch, index + 1
+            x = x.to(device, engine.input_dtype, non_blocking=True)
+            y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
+            with engine.accumulate(), engine.autocast():
+                loss, metrics = stage.loss(engine.model, x, y, generator)
+            if nan_injector.fire(state.step + 1):
+                loss = loss * float("nan")
+            if any_rank(not bool(torch.isfinite(loss).item()), device):
+                del loss  # drop the graph: no backward, no update, nothing accumulated
+                bad_step("non-finite loss")
+                continue
+            engine.backward(loss)
+            boundary = engine.is_boundary()
+            applied = engine.step()
+            for k, v in metrics.items():
+                window[k] += v / cfg.train.grad_accum
+            state.samples_seen += x.shape[0] * world_size()
+            if boundary:
+                break
+        if not applied:
+            bad_step("non-finite gradient norm")
+            continue
+        consecutive_bad = 0
+        state.step += 1
+        ema.update()
+        window_steps += 1
+        window["grad_norm"] += engine.last_grad_norm
+
+        step = state.step
+        log_now = step % cfg.train.log_every == 0 or step == total
+        if log_now:
+            elapsed = time.perf_counter() - window_start - window_pause
+            means = mean_over_ranks({k: v / window_steps for k, v in window.items()}, device)
+            wait = mean_over_ranks({"w": window_wait / max(elapsed, 1e-9)}, device)["w"]
+            steps_per_s = window_steps / max(elapsed, 1e-9)
+            samples_per_s = steps_per_s * cfg.train.batch_size * cfg.train.grad_accum * world_size()
+            last_metrics = {**means, "lr": engine.lr, "samples_per_s": samples_per_s, "steps_per_s": steps_per_s,
+                            "data_wait_frac": wait}
+            scalars = {f"train/{k}": v for k, v in means.items()}
+            scalars.update({"train/lr": engine.lr, "train/skipped_steps": float(state.skipped_steps),
+                            "perf/samples_per_s": samples_per_s, "perf/steps_per_s": steps_per_s,
+                            "perf/data_wait_frac": wait})
+            logger.scalars(step, scalars)
+            extra = f" | bpd {means['bpd']:.3f}" if "bpd" in means else ""
+            extra += f" | lr {engine.lr:.2e} | skipped {state.skipped_steps}" if state.skipped_steps else f" | lr {engine.lr:.2e}"
+            logger.console(step, means.get("loss", float("nan")), extra, samples_per_s, steps_per_s)
+            window.clear()
+            window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
+
+        sample_now = cfg.train.sample_every > 0 and (step % cfg.train.sample_every == 0 or step == total)
+        ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total
+        t_pause = time.perf_counter()
+        ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
+        if sample_now and is_rank0:
+            module_copy = stage.build().to(device)
+            module_copy.load_state_dict(ema_full)
+            gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+            logger.image(step, stage.sample(module_copy.eval(), sample_labels, generator=gen))
+        if ckpt_now:
+            save_checkpoint(engine, ema, state, cfg, run,
+                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full)
+            logger.sync()
+        window_pause += time.perf_counter() - t_pause  # sampling and checkpoints are not training throughput
+    logger.close()
+    say(f"done: step {state.step}, {state.skipped_steps} skipped steps")
