@@ -1,5 +1,5 @@
 output "vpc_id" {
-  description = "VPC id."
+  description = "Id of the fleet VPC."
   value       = aws_vpc.this.id
 }
 
