@@ -64,6 +64,42 @@ def cluster_render_cmd(
     typer.echo(f"wrote {target}  (next: ray up {target})")
 
 
+@app.command()
+@friendly_errors
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Where shards, runs and results go."),
+    workers: int = typer.Option(2, help="Ray Train workers (DeepSpeed ranks)."),
+    set_: Optional[List[str]] = SetOption,
+    num_samples: int = typer.Option(500, help="Samples per sampler for FID."),
+) -> None:
+    """Fashion-MNIST end to end: shards, forward flow, reverse model, samples, FID, speed."""
+    from biflow.quickstart import quickstart as run_quickstart
+
+    run_quickstart(out, workers=workers, overrides=set_, num_samples=num_samples)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="Reverse (or forward) run name, run dir or checkpoint URI."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output directory (results.json, PNG grids)."),
+    forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
+    storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
+    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+    num_samples: int = typer.Option(1000, help="Samples per sampler and guidance for FID."),
+    guidance: Optional[List[float]] = typer.Option(None, "--guidance", help="Guidance scales (repeatable)."),
+    batch_size: int = typer.Option(100, help="Generation batch size."),
+    workers: int = typer.Option(0, help="Ray workers for generation (0 = this process)."),
+    data_uri: str = typer.Option("", help="Override the run's data.uri for reference images."),
+) -> None:
+    """FID of BiFlow 1-NFE and the exact inverse, bpd, reconstruction PSNR, ms/img, grids."""
+    from biflow.evaluate import EvalOptions, evaluate as run_evaluate
+
+    opts = EvalOptions(num_samples=num_samples, guidance=list(guidance or [0.0]), batch_size=batch_size,
+                       num_eval_images=num_samples, workers=workers, data_uri=data_uri)
+    run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint)
+
+
 @bench_app.command("sampling")
 @friendly_errors
 def bench_sampling_cmd(
