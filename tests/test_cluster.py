@@ -169,7 +169,7 @@ def test_aws_placeholders_are_terraform_outputs():
     from biflow.cluster import placeholders
 
     with open(ROOT / "infra/terraform/aws/outputs.tf") as f:
-        outputs = {name for block in hcl2.load(f)["output"] for name in block}
+        outputs = {name.strip('"') for block in hcl2.load(f)["output"] for name in block}
     needed = placeholders(load("aws.yaml"))
     assert needed == {"cluster_name", "region", "availability_zones", "bucket_name", "ami_id", "head_subnet_id",
                       "worker_subnet_ids", "cluster_security_group_id", "head_security_group_id",
