@@ -21,6 +21,7 @@ rank, like the parameters themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -281,6 +282,47 @@ class Engine:
         raise NotImplementedError
 
 
+class _AttrDict(dict):
+    """A dict (visible to DeepSpeed's tensor walk) read like the dataclass it replaces."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Zero3Outputs(nn.Module):
+    """ZeRO-3 re-gathers a module's own parameters for backward through hooks on
+    its output tensors, and it cannot see tensors inside a dataclass output
+    (``FlowOutput``, ``ReverseOutput``). The root model's direct parameters
+    (position embeddings) would then still be partitioned when their gradients
+    arrive. This wrapper owns them as external parameters and returns the
+    dataclass fields as a dict, so DeepSpeed's hooks fire."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def register_root_params(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for p in self.model.parameters(recurse=False):
+            register_external_parameter(self, p)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        if dataclasses.is_dataclass(out):
+            return _AttrDict((f.name, getattr(out, f.name)) for f in dataclasses.fields(out))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
         super().__init__()
@@ -290,12 +332,15 @@ class DeepSpeedEngine(Engine):
         self.ds_config = deepspeed_config(cfg, world_size(), precision)
         optimizer = build_optimizer(module, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps))
+        wrapped = _Zero3Outputs(module) if cfg.train.zero_stage == 3 else module
         self.ds, _, _, self.scheduler = deepspeed.initialize(
-            model=module.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False,
         )
+        if isinstance(wrapped, _Zero3Outputs):
+            wrapped.register_root_params()
         self.model = self.ds
-        self.module = self.ds.module
+        self.module = module
 
     @property
     def input_dtype(self) -> torch.dtype:
