@@ -235,6 +235,49 @@ def _flow_train_step(batch_size: int):
                   f"{params / 1e6:.2f}M params, AdamW, batch {batch_size}")
 
 
+@app.command()
+@friendly_errors
+def train(
+    stage: str = typer.Argument(..., help="forward (stage 1: the flow, by likelihood) or reverse (stage 2: 1-NFE model)."),
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. jobs/smoke-forward.yaml."),
+    set_: Optional[List[str]] = SetOption,
+    name: str = typer.Option("", help="Run name (default: the config's name). Rerunning a name resumes it."),
+    storage: str = typer.Option("", help="Run storage: local dir or s3://bucket/prefix (default: ray.storage)."),
+    address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    workers: int = typer.Option(0, help="Ray Train workers (default: ray.workers)."),
+) -> None:
+    """Train one stage with Ray Train + DeepSpeed; checkpoints and TensorBoard logs go to the run storage."""
+    from biflow.config import ConfigError, load_config
+
+    if stage not in ("forward", "reverse"):
+        raise ConfigError(f"stage {stage!r}: allowed values: forward, reverse")
+    cfg = load_config(config, [*(set_ or []), f"stage={stage}"])
+    from biflow.train import fit
+
+    result = fit(cfg, name or None, storage or None, address or None, workers=workers or None)
+    metrics = result.metrics or {}
+    typer.echo(f"{stage} run {cfg.name!r} finished at step {metrics.get('step', '?')}"
+               f" ({metrics.get('skipped_steps', 0)} skipped steps)")
+    if result.checkpoint is not None:
+        typer.echo(f"checkpoint: {result.checkpoint.path}")
+    typer.echo(f"TensorBoard: tensorboard --logdir {result.path}/tensorboard")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help="Run name, run dir or checkpoint dir/URI (the latest checkpoint of a run)."),
+    out: Path = typer.Argument(..., help="Output .safetensors file (config .yaml written beside it), or a directory."),
+    storage: str = typer.Option("runs", help="Run storage to look run names up in (local dir or s3://...)."),
+    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+) -> None:
+    """Write a checkpoint's EMA weights as safetensors, with the run's config."""
+    from biflow.train.checkpoint import export
+
+    path = export(checkpoint, out, storage, endpoint)
+    typer.echo(f"wrote {path} and {path.with_suffix('.yaml')}")
+
+
 def main() -> None:
     app()
 

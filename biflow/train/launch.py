@@ -53,6 +53,9 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
                               f"{meta.get('stage')!r} checkpoint; the reverse stage needs a forward-stage one")
         cfg.flow = from_dict(FlowConfig, meta["config"]["flow"], "flow")  # the flow as it was trained
         run.forward_checkpoint = ref.uri
+        if cfg.reverse.depth < cfg.flow.num_blocks:
+            raise ConfigError(f"reverse.depth={cfg.reverse.depth} must be >= flow.num_blocks={cfg.flow.num_blocks} "
+                              f"of the forward checkpoint (one reverse segment per flow block)")
 
     latest = ckpt_io.latest_checkpoint(run.uri, run.endpoint, run.region)
     if latest is not None:
