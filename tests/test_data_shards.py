@@ -153,3 +153,18 @@ def test_empty_or_missing_source(tmp_path, ray_local):
     with pytest.raises(UserError, match="no manifest.json"):
         read_manifest(str(tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cli_prepare_data_folder(imagenet_tree, tmp_path, ray_local):
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+
+    root, _ = imagenet_tree
+    out = tmp_path / "folder-shards"
+    res = CliRunner().invoke(app, ["prepare-data", str(root / "train"), str(out), "--format", "folder",
+                                   "--image-size", "24", "--split", "train"])
+    assert res.exit_code == 0, res.output
+    m = read_manifest(str(out))
+    assert m.data["source"]["format"] == "folder"
+    assert m.records("train") == 24 and m.split("train")["num_skipped"] == 5 and m.image_size == 24
