@@ -96,7 +96,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False,
+        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true", "DS_ACCELERATOR": "cpu"}})
     yield ray
