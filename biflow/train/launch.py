@@ -83,7 +83,7 @@ def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
         return
     # Ray Data needs CPU slots beside the training workers, or reading stalls.
     cpus = max(os.cpu_count() or 1, int(cfg.ray.workers * cfg.ray.cpus_per_worker) + 2)
-    ray.init(num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
              dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
 
 

@@ -1,0 +1,130 @@
+"""Training spine without Ray workers: engine config, schedule, EMA, NaN guard,
+checkpoint lookup and the checks that must fail before any worker starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from biflow.config import ConfigError, load_config
+from biflow.errors import UserError
+from biflow.train import checkpoint as ckpt_io
+from biflow.train import launch
+from biflow.train.engine import DDPEngine, ParamEMA, deepspeed_config, warmup_cosine
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def smoke(stage: str = "forward", overrides: list[str] | None = None):
+    return load_config(JOBS / f"smoke-{stage}.yaml", overrides)
+
+
+def test_deepspeed_config_follows_typed_config():
+    cfg = smoke(overrides=["train.zero_stage=3", "train.grad_accum=4", "train.batch_size=8", "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, world_size=2, precision="bf16")
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["train_batch_size"] == 8 * 4 * 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True
+    assert "bf16" not in deepspeed_config(cfg, world_size=2, precision="fp32")
+
+
+def test_warmup_cosine_schedule():
+    cfg = smoke(overrides=["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    f = warmup_cosine(cfg.optim, total_steps=110)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half way down the cosine
+    assert f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 110))
+
+
+def test_param_ema_tracks_weights():
+    net = torch.nn.Linear(3, 2)
+    ema = ParamEMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(30):
+        ema.update()
+    state = ema.full_state_dict()
+    assert torch.allclose(state["weight"], torch.ones(2, 3), atol=1e-6)
+    ema2 = ParamEMA(torch.nn.Linear(3, 2), decay=0.5)
+    ema2.load_full_state_dict(state)
+    assert torch.equal(ema2.full_state_dict()["weight"], state["weight"])
+
+
+def test_ddp_engine_skips_non_finite_gradients():
+    cfg = smoke(overrides=["train.engine=ddp", "optim.warmup_steps=0"])
+    net = torch.nn.Linear(4, 1)
+    engine = DDPEngine(net, cfg, torch.device("cpu"), "fp32")
+    before = net.weight.detach().clone()
+    engine.backward(net(torch.full((2, 4), float("inf"))).sum())
+    assert engine.step() is False and engine.overflow_steps == 1
+    assert torch.equal(net.weight, before) and net.weight.grad is None
+    engine.backward(net(torch.ones(2, 4)).sum())
+    assert engine.step() is True
+    assert not torch.equal(net.weight, before)
+    assert math.isfinite(engine.last_grad_norm)
+
+
+def test_bad_config_fails_before_any_worker(monkeypatch, tmp_path):
+    def no_workers(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad config")
+
+    monkeypatch.setattr(launch, "init_ray", no_workers)
+    monkeypatch.setattr(launch, "build_trainer", no_workers)
+    with pytest.raises(ConfigError, match=r"train\.zero_stage"):
+        launch.fit(smoke(overrides=["train.zero_stage=4"]), storage=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        cfg = smoke()
+        cfg.train.steps = 0
+        launch.fit(cfg, storage=str(tmp_path), datasets={"train": None})
+    with pytest.raises(UserError, match=r"train\.forward_checkpoint='missing-run'"):
+        launch.fit(smoke("reverse", ["train.forward_checkpoint=missing-run"]), storage=str(tmp_path),
+                   datasets={"train": None})
+    with pytest.raises(UserError, match=r"data\.uri|manifest"):
+        launch.fit(smoke(overrides=[f"data.uri={tmp_path}/no-data"]), storage=str(tmp_path))
+
+
+def test_cli_bad_config_names_the_key(tmp_path):
+    from biflow.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "forward", "--config", str(JOBS / "smoke-forward.yaml"),
+                              "--set", "train.zero_stage=9", "--storage", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "train.zero_stage=9" in res.output and "0, 1, 2, 3" in res.output
+    res = runner.invoke(app, ["train", "sideways", "--config", str(JOBS / "smoke-forward.yaml")])
+    assert res.exit_code == 2 and "forward, reverse" in res.output
+    res = runner.invoke(app, ["train", "forward", "--config", str(JOBS / "smoke-forward.yaml"),
+                              "--set", "optim.lrr=1"])
+    assert res.exit_code == 2 and "optim.lrr" in res.output
+
+
+def test_find_checkpoint_picks_the_latest(tmp_path):
+    run = tmp_path / "runs" / "fwd"
+    for step in (4, 12, 8):
+        d = run / ckpt_io.checkpoint_dir_name(step)
+        d.mkdir(parents=True)
+        ckpt_io.write_rank0_files(d, {"w": torch.full((2,), float(step))},
+                                  {"stage": "forward", "step": step, "config": {"flow": {"width": 32}}})
+    (run / "checkpoint_00000099").mkdir()  # incomplete: no weights
+    ref = ckpt_io.find_checkpoint("fwd", str(tmp_path / "runs"))
+    assert ref.step == 12 and ref.metadata()["step"] == 12
+    assert ref.ema_state()["w"][0].item() == 12.0
+    assert ckpt_io.find_checkpoint(str(run / "checkpoint_00000004")).step == 4
+    out = ckpt_io.export(str(run), tmp_path / "export" / "fwd.safetensors")
+    state, config = ckpt_io.load_exported(out)
+    assert state["w"][0].item() == 12.0 and config == {"flow": {"width": 32}}
+    assert out.with_suffix(".yaml").is_file()
+    meta = (run / "checkpoint_00000012" / ckpt_io.METADATA).read_text()
+    assert '"torch"' in meta and "AWS" not in meta
+    with pytest.raises(UserError, match="no checkpoint found"):
+        ckpt_io.find_checkpoint("nope", str(tmp_path / "runs"))
