@@ -123,7 +123,9 @@ def _init_ray_for_data(num_cpus: Optional[int] = None) -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}
+        # no address: a fresh local instance, never a stray `ray start` cluster on this machine
+        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "num_cpus": num_cpus,
+                                                           "include_dashboard": False}
         ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
     DataContext.get_current().enable_progress_bars = False  # our own progress line instead
 
@@ -261,6 +263,21 @@ def train(
     if result.checkpoint is not None:
         typer.echo(f"checkpoint: {result.checkpoint.path}")
     typer.echo(f"TensorBoard: tensorboard --logdir {result.path}/tensorboard")
+
+
+@app.command()
+@friendly_errors
+def submit(
+    job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/imagenet256-b2-forward.yaml."),
+    address: str = typer.Option("", help="Cluster dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)."),
+    set_: Optional[List[str]] = SetOption,
+    follow: bool = typer.Option(True, help="Follow the job's logs until it ends."),
+    upload_code: bool = typer.Option(True, help="Ship the local biflow package with the job (py_modules)."),
+) -> None:
+    """Submit a training job to a Ray cluster (token auth from RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
+    from biflow.submit import submit as run_submit
+
+    run_submit(job, address, set_, follow=follow, upload_code=upload_code, log=typer.echo)
 
 
 @app.command("export")

@@ -206,7 +206,7 @@ def bench_data(out: Path, *, source: str = "", images: int = 10000, batch_size: 
         except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
             pass
         if not ray.is_initialized():
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
         from ray.data import DataContext
 

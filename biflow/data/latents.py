@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -103,7 +104,8 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
         return Manifest(previous, out_uri)
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     gpus = int(ray.cluster_resources().get("GPU", 0))
     scaling_factor = float(getattr(load_autoencoder(autoencoder).config, "scaling_factor", 1.0))
     ctx = DataContext.get_current()

@@ -28,7 +28,9 @@ and on the driver ``TorchTrainer(..., datasets={"train": build_dataset(cfg.data,
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,6 +38,7 @@ import numpy as np
 from biflow.config import DataConfig
 from biflow.data import storage
 from biflow.data.shards import Manifest, read_manifest, resize_center_crop
+from biflow.errors import UserError
 
 
 def _output(x: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,6 +96,26 @@ class DecodeLatents:
         return _output(x, batch)
 
 
+READ_UNIT_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+
+
+@contextlib.contextmanager
+def _read_unit_bytes(split_bytes: int):
+    """Size of one read task. Ray's parquet reader packs files into read units of
+    128 MiB by default, so a small dataset (Fashion-MNIST: 30 MB) would be one
+    task: no parallel decode and no streaming until it is all done. Aim for ~64
+    units per split, between 1 and 64 MiB (large shards split at row groups).
+    Ray reads the setting when ``read_parquet`` is called; a user's value wins."""
+    if os.environ.get(READ_UNIT_ENV):
+        yield
+        return
+    os.environ[READ_UNIT_ENV] = str(int(min(max(split_bytes / 64, 2**20), 64 * 2**20)))
+    try:
+        yield
+    finally:
+        os.environ.pop(READ_UNIT_ENV, None)
+
+
 def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: int | None = None,
                   channels: int | None = None, *, train: bool = True, seed: int = 0, limit: int = 0,
                   normalize_latents: bool = True, batch_size: int = 256, with_keys: bool = False,
@@ -112,7 +135,8 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
     fs, root = storage.resolve(data_cfg.uri, data_cfg.endpoint, data_cfg.region)
     paths = [storage.join(root, p) for p in manifest.shard_paths(split)]
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, file_extensions=None)
+    with _read_unit_bytes(manifest.split(split)["bytes"]):
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, file_extensions=None)
     if limit:
         ds = ds.limit(limit)
     flip = train and data_cfg.random_flip
@@ -123,6 +147,8 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
         decode: Any = DecodeLatents(manifest.data["latent_shape"], manifest.data["latent_dtype"], mean, std, flip)
         ds = ds.select_columns(["latent", "label"] + extra)
     else:
+        if not (image_size or manifest.image_size):
+            raise UserError(f"{data_cfg.uri} keeps the source image sizes; give an image_size to resize to")
         decode = DecodeImages(image_size or manifest.image_size, channels or manifest.channels, flip)
         ds = ds.select_columns(["image", "label"] + extra)
     return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy", zero_copy_batch=False)

@@ -118,7 +118,7 @@ def read_manifest(uri: str, endpoint: str = "", region: str = "") -> Manifest:
                         f"`biflow prepare-data {FASHION_MNIST_DIR} {uri} --format fashion-mnist` "
                         "(a conversion that did not finish leaves no manifest)") from None
     except OSError as exc:
-        raise UserError(f"cannot read {MANIFEST} under {uri}: {storage._clean(exc)}") from None
+        raise UserError(f"cannot read {MANIFEST} under {uri}: {storage.clean_error(exc)}") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -576,7 +576,8 @@ def prepare_data(source: str, out: str, fmt: str, *, image_size: int = 0, shard_
     row_group_rows = 256
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     total = sum(len(s) for s in src.splits.values())
     t0 = time.perf_counter()
     writer = ShardWriter(out, endpoint, region, image_size, channels, encoding, jpeg_quality, row_group_rows)
@@ -671,7 +672,7 @@ def verify_shards(manifest: Manifest, endpoint: str = "", region: str = "") -> l
             try:
                 data = storage.read_bytes(fs, storage.join(root, s["path"]))
             except OSError as exc:
-                problems.append(f"{s['path']}: {storage._clean(exc)}")
+                problems.append(f"{s['path']}: {storage.clean_error(exc)}")
                 continue
             if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
                 problems.append(f"{s['path']}: size or checksum differs from the manifest")

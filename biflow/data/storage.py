@@ -61,13 +61,13 @@ def _check_bucket(fs: pafs.FileSystem, bucket: str, endpoint: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
-        raise UserError(f"cannot reach S3 bucket {bucket!r}{where}: {_clean(exc)}") from None
+        raise UserError(f"cannot reach S3 bucket {bucket!r}{where}: {clean_error(exc)}") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"S3 bucket {bucket!r} does not exist{where} (create it first, e.g. "
                         f"`aws s3 mb s3://{bucket}`)")
 
 
-def _clean(exc: BaseException) -> str:
+def clean_error(exc: BaseException) -> str:
     """An error message with anything credential-like removed."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
