@@ -16,7 +16,13 @@ from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
 from biflow.train.loop import RunInfo, train_loop
 
-WORKER_ENV = {"AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train tees print() to stdout and to its logger, so every progress line showed twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 class TrainingFailed(UserError):
@@ -105,6 +111,9 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
 
     from biflow.data import storage as storage_mod
 
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the loop prints its own progress line
     use_gpu = _use_gpu(cfg)
     if datasets is None:
         from biflow.data.pipeline import build_dataset
