@@ -117,6 +117,7 @@ def bench_sampling_cmd(
 
 def _init_ray_for_data(num_cpus: Optional[int] = None) -> None:
     """Connect to RAY_ADDRESS when set, else start a local instance."""
+    import logging
     import os
 
     import ray
@@ -128,6 +129,7 @@ def _init_ray_for_data(num_cpus: Optional[int] = None) -> None:
                                                            "include_dashboard": False}
         ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
     DataContext.get_current().enable_progress_bars = False  # our own progress line instead
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:

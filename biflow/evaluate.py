@@ -10,6 +10,7 @@ features, so a 50k-sample FID runs on a cluster. Without Ray it all runs here.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import math
 import time
@@ -132,7 +133,7 @@ def sample_features(checkpoint: str, forward: str, storage: str, endpoint: str, 
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_remote_features)
     per = math.ceil(n / workers)
