@@ -48,9 +48,11 @@ def resolve_device() -> torch.device:
         try:
             import ray.train.torch
 
-            return ray.train.torch.get_device()
+            device = ray.train.torch.get_device()
         except Exception:  # outside Ray Train
-            return torch.device("cuda", torch.cuda.current_device())
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 

@@ -298,7 +298,7 @@ def restore(engine: Engine, ema: ParamEMA, checkpoint: Any) -> TrainState:
             raise RuntimeError(
                 f"the checkpoint in this run was written by {meta['world_size']} workers but this run has "
                 f"{world_size()}; ZeRO state only loads at the same world size: set ray.workers="
-                f"{meta['world_size']} (or start a new run name and reverse.../train.forward_checkpoint from its EMA)")
+                f"{meta['world_size']}, or start a new run name")
         client = engine.load(directory)
         ema.load_full_state_dict(load_file(str(Path(directory) / ckpt_io.EMA_FILE)))
     state = TrainState(**client["biflow"])
