@@ -115,23 +115,6 @@ def bench_sampling_cmd(
     bench_sampling(out, preset=preset, guidance=guidance, batch_sizes=tuple(batch) if batch else None, reps=reps)
 
 
-def _init_ray_for_data(num_cpus: Optional[int] = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local instance."""
-    import logging
-    import os
-
-    import ray
-    from ray.data import DataContext
-
-    if not ray.is_initialized():
-        # no address: a fresh local instance, never a stray `ray start` cluster on this machine
-        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "num_cpus": num_cpus,
-                                                           "include_dashboard": False}
-        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
-    DataContext.get_current().enable_progress_bars = False  # our own progress line instead
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
     out = [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
     return out or None
@@ -156,13 +139,10 @@ def prepare_data_cmd(
 ) -> None:
     """Convert images into parquet shards + manifest.json (written last) on Ray Data."""
     from biflow.data.shards import prepare_data
-    from biflow.data.storage import resolve
 
-    resolve(out, endpoint, region)  # a bad URI or a missing bucket fails before Ray starts
-    _init_ray_for_data(num_cpus)
     prepare_data(source, out, format, image_size=image_size, shard_size_mb=shard_size, splits=_split_list(split),
                  endpoint=endpoint, region=region, limit=limit, channels=channels, min_shards=min_shards,
-                 force=force)
+                 force=force, num_cpus=num_cpus)
 
 
 @app.command("prepare-latents")
@@ -183,12 +163,10 @@ def prepare_latents_cmd(
 ) -> None:
     """Encode image shards into autoencoder latent shards (GPU actors when present)."""
     from biflow.data.latents import prepare_latents
-    from biflow.data.storage import resolve
 
-    resolve(out, endpoint, region)
-    _init_ray_for_data(num_cpus)
     prepare_latents(source, out, autoencoder, splits=_split_list(split), endpoint=endpoint, region=region,
-                    image_size=image_size, batch_size=batch_size, dtype=dtype, limit=limit, force=force)
+                    image_size=image_size, batch_size=batch_size, dtype=dtype, limit=limit, force=force,
+                    num_cpus=num_cpus)
 
 
 @bench_app.command("data")

@@ -28,7 +28,7 @@ import numpy as np
 
 from biflow.config import DataConfig
 from biflow.data import storage
-from biflow.data.shards import FASHION_MNIST_DIR, FASHION_MNIST_FILES, prepare_data, read_manifest
+from biflow.data.shards import FASHION_MNIST_DIR, FASHION_MNIST_FILES, ensure_ray, prepare_data, read_manifest
 from biflow.errors import UserError
 
 BENCH_BUCKET = "biflow-bench"
@@ -205,12 +205,7 @@ def bench_data(out: Path, *, source: str = "", images: int = 10000, batch_size: 
             s3.create_bucket(Bucket=bucket)
         except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
             pass
-        if not ray.is_initialized():
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
+        ensure_ray(num_cpus)
         fmnist = Path(source or FASHION_MNIST_DIR)
         tmp = None
         if (fmnist / FASHION_MNIST_FILES["train"][0]).is_file():

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
 import numpy as np
 
 from biflow.data import storage
-from biflow.data.shards import MANIFEST, Manifest, _try_read_manifest, read_manifest, table_bytes
+from biflow.data.shards import MANIFEST, Manifest, _try_read_manifest, ensure_ray, read_manifest, table_bytes
 from biflow.errors import UserError
 
 
@@ -38,6 +37,16 @@ def load_autoencoder(name_or_path: str, device: str = "cpu"):
                         "(give a local folder with config.json + weights, or a hub id such as "
                         "stabilityai/sd-vae-ft-ema with network access)") from None
     return vae.to(device).eval()
+
+
+def _scaling_factor(name_or_path: str) -> float:
+    """From the autoencoder's config alone (no weights on the driver)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return float(AutoencoderKL.load_config(name_or_path).get("scaling_factor", 1.0))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load AutoencoderKL {name_or_path!r}: {str(exc).splitlines()[0]}") from None
 
 
 class EncodeLatents:
@@ -80,7 +89,7 @@ class EncodeLatents:
 def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: list[str] | None = None,
                     endpoint: str = "", region: str = "", image_size: int = 0, batch_size: int = 32,
                     shard_size_mb: float = 128.0, dtype: str = "float16", limit: int = 0,
-                    force: bool = False, progress: bool = True) -> Manifest:
+                    force: bool = False, progress: bool = True, num_cpus: int | None = None) -> Manifest:
     """Encode the image shards at ``source_uri`` into latent shards at ``out_uri``."""
     import ray
     from ray.data import DataContext
@@ -103,11 +112,9 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
             print(f"{out_uri}: latents already up to date (fingerprint {fingerprint})")
         return Manifest(previous, out_uri)
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
+    ensure_ray(num_cpus)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    scaling_factor = float(getattr(load_autoencoder(autoencoder).config, "scaling_factor", 1.0))
+    scaling_factor = _scaling_factor(autoencoder)
     ctx = DataContext.get_current()
     old_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     t0 = time.perf_counter()

@@ -479,6 +479,22 @@ class ShardWriter:
 # ---------------------------------------------------------------------------
 
 
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Use the running Ray; else connect to RAY_ADDRESS; else start a fresh local
+    instance (never a stray ``ray start`` cluster). Quiet Ray Data's own progress."""
+    import logging
+
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs = {} if address else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
+        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def _fingerprint(src: Source, options: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps({"format": src.format, "source": src.path, "classes": src.classes,
                                    "options": options, "version": FORMAT_VERSION}, sort_keys=True).encode())
@@ -534,7 +550,7 @@ def _shard_specs(split: SplitSource, fingerprint: str, shard_bytes: float, recor
 def prepare_data(source: str, out: str, fmt: str, *, image_size: int = 0, shard_size_mb: float = 128.0,
                  splits: list[str] | None = None, endpoint: str = "", region: str = "", limit: int = 0,
                  channels: int = 0, min_shards: int = 8, jpeg_quality: int = 95, seed: int = 0,
-                 force: bool = False, progress: bool = True) -> Manifest:
+                 force: bool = False, progress: bool = True, num_cpus: int | None = None) -> Manifest:
     """Convert ``source`` into parquet shards + ``manifest.json`` under ``out``.
 
     Items are shuffled once with ``seed`` before sharding, so shards mix classes
@@ -575,9 +591,7 @@ def prepare_data(source: str, out: str, fmt: str, *, image_size: int = 0, shard_
         specs += _shard_specs(split, fingerprint, shard_size_mb * 2**20, record_bytes, min_shards)
     row_group_rows = 256
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
+    ensure_ray(num_cpus)
     total = sum(len(s) for s in src.splits.values())
     t0 = time.perf_counter()
     writer = ShardWriter(out, endpoint, region, image_size, channels, encoding, jpeg_quality, row_group_rows)
