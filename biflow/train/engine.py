@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -325,6 +325,22 @@ class _Zero3Outputs(nn.Module):
             return getattr(self.model, name)
 
 
+@contextlib.contextmanager
+def _no_update(*objects: Any) -> Iterator[None]:
+    """Make ``obj.step()`` a no-op for the duration (skipping one update)."""
+    saved = [(obj, obj.__dict__.get("step")) for obj in objects]  # torch may wrap step per instance
+    for obj in objects:
+        obj.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for obj, own in saved:
+            if own is None:
+                del obj.step
+            else:
+                obj.step = own
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
         super().__init__()
@@ -353,9 +369,24 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> bool:
         boundary = self.is_boundary()
-        self.ds.step()
+        stage0_bad = False
+        if boundary and self.ds_config["zero_optimization"]["stage"] == 0:
+            # ZeRO 1-3 skip non-finite updates themselves. Stage 0 has plain (all-reduced, so
+            # identical on every rank) .grad tensors: check them, and on a bad step let
+            # DeepSpeed count the step with the optimizer and schedule updates switched off.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            stage0_bad = bool(grads) and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+            if stage0_bad:
+                for g in grads:
+                    g.zero_()
+        with _no_update(self.ds.optimizer, self.scheduler) if stage0_bad else contextlib.nullcontext():
+            self.ds.step()
         self.micro_step += 1
         if not boundary:
+            return False
+        if stage0_bad:
+            self.overflow_steps += 1
+            self.last_grad_norm = float("inf")
             return False
         norm = self.ds.get_global_grad_norm()
         self.last_grad_norm = float(norm) if norm is not None else float("nan")
