@@ -22,13 +22,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -332,15 +331,12 @@ def train_loop(config: dict[str, Any]) -> None:
     run = RunInfo(**config.get("run", {}))
     hooks = config.get("hooks", {}) or {}
     device = resolve_device()
-    torch.manual_seed(cfg.train.seed + 1000 * rank())
-    threads = int(os.environ.get("BIFLOW_TORCH_THREADS", "0"))
-    if threads:
-        torch.set_num_threads(threads)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank())
 
     stage = STAGES[cfg.stage](cfg, run, device)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     module = stage.build()
+    torch.manual_seed(cfg.train.seed + 1000 * (rank() + 1))  # anything random beyond the losses differs per rank
     engine = build_engine(module, cfg, device)
     ema = ParamEMA(engine.module, cfg.optim.ema_decay)
     is_rank0 = rank() == 0
