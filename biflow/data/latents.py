@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from biflow.data import storage
+from biflow.data.pipeline import _classic_parquet_reader
 from biflow.data.shards import MANIFEST, Manifest, _try_read_manifest, ensure_ray, read_manifest, table_bytes
 from biflow.errors import UserError
 
@@ -129,8 +130,9 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
     try:
         for split in splits:
             paths = [storage.join(in_root, p) for p in src.shard_paths(split)]
-            ds = ray.data.read_parquet(paths, filesystem=in_fs, file_extensions=None).select_columns(
-                ["image", "label", "key"])
+            with _classic_parquet_reader():
+                ds = ray.data.read_parquet(paths, filesystem=in_fs, file_extensions=None)
+            ds = ds.select_columns(["image", "label", "key"])
             if limit:
                 ds = ds.limit(limit)
             pool = ray.data.ActorPoolStrategy(size=max(gpus, 1))
