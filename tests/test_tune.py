@@ -1,0 +1,145 @@
+"""Ray Tune search: the search-space checks (no Ray), and one smoke search run
+through the CLI in its own process (4 trials of a tiny forward flow, ASHA), whose
+best config is then trained by ``biflow train`` unchanged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from biflow.cli import app
+from biflow.config import ConfigError, load_config
+from biflow.tune import load_search
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "tune" / "smoke.yaml"
+
+
+def space(entries: str) -> list[str]:
+    return [f"space={entries}"]
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ('{"flow.nois_std": {"uniform": [0.1, 0.2]}}', "unknown parameter 'flow.nois_std'"),
+    ('{"reverse.align_wieght": {"uniform": [0.1, 0.2]}}', "unknown parameter 'reverse.align_wieght'"),
+    ('{"flow.noise_std": {"uniform": [0.3, 0.2]}}', "space.flow.noise_std: empty range"),
+    ('{"optim.lr": {"loguniform": [0.001, 0.001]}}', "space.optim.lr: empty range"),
+    ('{"flow.noise_std": {"choice": []}}', "space.flow.noise_std: choice needs a non-empty list"),
+    ('{"flow.noise_std": {"normal": [0, 1]}}', "space.flow.noise_std: unknown distribution 'normal'"),
+    ('{"flow.depth": {"uniform": [1, 3]}}', "space.flow.depth: value 1.0 makes an invalid config"),
+    ('{"flow.noise_std": {"uniform": [-0.1, 0.2]}}', "space.flow.noise_std: value -0.1 makes an invalid config"),
+    ('{"flow.noise_std": {"grid": [0.1, 0.2]}}', "grid does not mix with search: optuna"),
+    ('{"flow": {"uniform": [0.1, 0.2]}}', "'flow' is a section"),
+    ('{"train.steps": {"randint": [10, 20]}}', "'train.steps' cannot be searched"),
+    ('{"eval.guidance": {"uniform": [0.0, 2.0]}}', "eval.* settings only matter with metric: fid"),
+    ('{}', "space: required"),
+])
+def test_bad_search_space_names_the_key(entries, expected):
+    with pytest.raises(ConfigError) as err:
+        load_search(SMOKE, space(entries))
+    assert expected in str(err.value)
+
+
+def test_search_spec_checks():
+    with pytest.raises(ConfigError, match="unknown key 'num_trials'"):
+        load_search(SMOKE, ["num_trials=3"])
+    with pytest.raises(ConfigError, match="unknown key 'train.stpes'"):
+        load_search(SMOKE, ["base.train.stpes=3"])
+    with pytest.raises(ConfigError, match="flow.noise_std: a reverse-only search reuses one frozen forward"):
+        load_search(SMOKE, ["stage=reverse", "base=jobs/smoke-reverse.yaml"])
+    spec, bases, params = load_search(SMOKE, ["num_samples=6", "base.train.batch_size=16"])
+    assert spec.num_samples == 6 and bases["forward"]["train"]["batch_size"] == 16
+    assert [p.key for p in params] == ["flow.noise_std", "optim.lr"]
+    # stage both: flow.* goes to the forward job, the rest to the reverse job
+    spec, bases, params = load_search(SMOKE, ["stage=both", "base=jobs/smoke-reverse.yaml",
+                                              "forward=jobs/smoke-forward.yaml",
+                                              'space={"flow.noise_std": {"choice": [0.05, 0.1]}, '
+                                              '"reverse.align_weight": {"uniform": [0.5, 2.0]}}'])
+    assert set(bases) == {"forward", "reverse"} and bases["reverse"]["stage"] == "reverse"
+
+
+def test_cli_bad_space_exits_2_naming_the_key():
+    result = CliRunner().invoke(app, ["tune", "--config", str(SMOKE), "--set",
+                                      'space={"reverse.denoise_wieght": {"uniform": [0, 1]}}'])
+    assert result.exit_code == 2
+    assert "unknown parameter 'reverse.denoise_wieght'" in result.output
+
+
+def test_shipped_searches_validate():
+    for path in sorted((ROOT / "jobs" / "tune").glob("*.yaml")):
+        spec, bases, params = load_search(path)
+        assert params, path
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(fashion_mnist_dir, tmp_path_factory, ray_local):
+    from biflow.data.shards import prepare_data
+
+    out = tmp_path_factory.mktemp("tune-data") / "fmnist"
+    prepare_data(str(fashion_mnist_dir), str(out), "fashion-mnist", limit=1024, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_search(tiny_shards, tmp_path_factory):
+    """`biflow tune` on jobs/tune/smoke.yaml in a subprocess (its own Ray, with the state
+    API Ray Train's placement-group cleaner uses when ASHA stops a trial)."""
+    store = tmp_path_factory.mktemp("tune-store")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0", "BIFLOW_TORCH_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "biflow.cli", "tune", "--config", str(SMOKE),
+                           "--storage", str(store), "--set", f"base.data.uri={tiny_shards}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return store / "smoke-search", seconds, proc.stdout
+
+
+def test_smoke_search_table_asha_and_best(smoke_search):
+    root, seconds, stdout = smoke_search
+    results = root / "results"
+    rows = list(csv.DictReader(open(results / "trials.csv")))
+    assert len(rows) == 4, rows  # every trial, stopped ones included
+    assert json.loads((results / "trials.json").read_text()) and (results / "metric-vs-params.png").stat().st_size
+    statuses = [r["status"] for r in rows]
+    assert statuses.count("stopped early") >= 1, rows  # ASHA cut at least one trial at a rung
+    assert statuses.count("completed") >= 1, rows
+    assert "error" not in statuses
+    for r in rows:
+        assert float(r["loss"]) == float(r["loss"])  # a finite number for every trial
+        assert 0.02 <= float(r["flow.noise_std"]) <= 0.4 and 5e-4 <= float(r["optim.lr"]) <= 5e-3
+        if r["status"] == "stopped early":
+            assert int(r["step"]) < 12
+        else:
+            assert int(r["step"]) == 12
+        # each trial's runs carry their TensorBoard logs
+        assert list(Path(r["runs"]).glob("tensorboard/events.*")), r["runs"]
+    summary = json.loads((results / "best.json").read_text())
+    best = summary["best"]
+    completed = [float(r["loss"]) for r in rows if r["status"] == "completed"]
+    assert best["loss"] == pytest.approx(min(completed))
+    assert summary["trials"] == 4
+
+
+def test_best_config_trains_unchanged(smoke_search, ray_local, tmp_path):
+    root, _, _ = smoke_search
+    best_yaml = root / "results" / "best.yaml"
+    best = json.loads((root / "results" / "best.json").read_text())["best"]
+    cfg = load_config(best_yaml)  # strict loader: every key known
+    assert cfg.flow.noise_std == pytest.approx(best["params"]["flow.noise_std"])
+    assert cfg.optim.lr == pytest.approx(best["params"]["optim.lr"])
+    assert yaml.safe_load(best_yaml.read_text())["stage"] == "forward"
+    result = CliRunner().invoke(app, ["train", "forward", "--config", str(best_yaml), "--storage", str(tmp_path),
+                                      "--set", "train.steps=2", "--set", "train.checkpoint_every=2"])
+    assert result.exit_code == 0, result.output
+    assert "finished at step 2" in result.output
