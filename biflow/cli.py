@@ -260,6 +260,28 @@ def submit(
     run_submit(job, address, set_, follow=follow, upload_code=upload_code, log=typer.echo)
 
 
+@app.command("tune")
+@friendly_errors
+def tune_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Search YAML, e.g. jobs/tune/smoke.yaml."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a search key (num_samples=4) or a base job key (base.train.steps=100)."),
+    name: str = typer.Option("", help="Search name (default: the YAML's name). Rerunning a name resumes it."),
+    storage: str = typer.Option("", help="Search storage: local dir or s3://bucket/prefix (default: base ray.storage)."),
+    address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    out: Optional[Path] = typer.Option(None, help="Results directory (default: STORAGE/NAME/results)."),
+) -> None:
+    """Ray Tune search (Optuna + ASHA) over noise level, guidance and loss weights; writes best.yaml."""
+    from biflow.tune import search
+
+    summary = search(config, set_, name=name, storage=storage, address=address, out=out, log=typer.echo)
+    if summary.get("best") is None:
+        from biflow.errors import UserError
+
+        raise UserError(f"search {summary['name']!r}: no trial produced {summary['metric']!r} "
+                        f"(see {summary['results']}/trials.csv)")
+
+
 @app.command("export")
 @friendly_errors
 def export_cmd(
