@@ -373,6 +373,9 @@ def load_search(path: str | Path | dict, overrides: list[str] | None = None, nam
             raise ConfigError(f"space.{p.key}: grid does not mix with search: optuna; use choice, or search: grid")
         if spec.search == "grid" and p.dist not in ("grid", "choice"):
             raise ConfigError(f"space.{p.key}: search: grid needs grid or choice values, got {p.dist}")
+    if spec.metric == "fid" and bases[stages[-1]].get("data", {}).get("kind") == "latents":
+        raise ConfigError("metric: fid needs pixel data (base data.kind: pixels); with latent shards "
+                          "search a logged metric such as loss")
     _check_values(params, bases, stages)
     spec.storage = storage or spec.storage or bases[stages[-1]].get("ray", {}).get("storage", "runs")
     return spec, bases, params
