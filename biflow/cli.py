@@ -173,7 +173,8 @@ def prepare_latents_cmd(
 @friendly_errors
 def bench_data_cmd(
     out: Path = typer.Option(Path("runs/bench"), help="Output directory for the JSON."),
-    source: str = typer.Option("", help="Fashion-MNIST folder (default: the Debian path); synthetic JPEGs if absent."),
+    source: str = typer.Option("", help="Fashion-MNIST folder (default: the Debian path), or 'synthetic' "
+                               "(64x64 RGB JPEGs, also used when Fashion-MNIST is absent)."),
     images: int = typer.Option(10000, help="Images to convert and stream."),
     batch_size: int = typer.Option(64, help="Batch size of the consumer."),
     steps: int = typer.Option(60, help="Training steps for the data-wait measurement."),

@@ -168,3 +168,15 @@ def test_cli_prepare_data_folder(imagenet_tree, tmp_path, ray_local):
     m = read_manifest(str(out))
     assert m.data["source"]["format"] == "folder"
     assert m.records("train") == 24 and m.split("train")["num_skipped"] == 5 and m.image_size == 24
+
+
+def test_failed_run_keeps_previous_data(imagenet_tree, tmp_path, ray_local):
+    root, _ = imagenet_tree
+    out = str(tmp_path / "keep")
+    good = prepare_data(str(root / "train"), out, "folder", image_size=16, progress=False)
+    bad = tmp_path / "bad" / "cls"
+    bad.mkdir(parents=True)
+    (bad / "a.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(UserError, match="no readable images"):
+        prepare_data(str(tmp_path / "bad"), out, "folder", progress=False)
+    assert read_manifest(out).data == good.data and verify_shards(good) == []

@@ -208,11 +208,12 @@ def bench_data(out: Path, *, source: str = "", images: int = 10000, batch_size: 
         ensure_ray(num_cpus)
         fmnist = Path(source or FASHION_MNIST_DIR)
         tmp = None
-        if (fmnist / FASHION_MNIST_FILES["train"][0]).is_file():
+        if source != "synthetic" and (fmnist / FASHION_MNIST_FILES["train"][0]).is_file():
             fmt, src, image_size, desc = "fashion-mnist", str(fmnist), 28, "Fashion-MNIST 28x28x1 PNG"
         else:
             tmp = Path(tempfile.mkdtemp(prefix="biflow-bench-"))
-            fmt, image_size, desc = "folder", 64, "synthetic 64x64x3 JPEG (Fashion-MNIST not installed)"
+            fmt, image_size, desc = "folder", 64, "synthetic 64x64x3 JPEG"
+            train_step = None  # the model step is for 28x28x1; use the stand-in
             src = str(synthetic_jpeg_tree(tmp / "src", images))
         uri = f"s3://{bucket}/{fmt}-{images}"
         t0 = time.perf_counter()
