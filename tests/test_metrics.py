@@ -1,0 +1,194 @@
+"""FID (FID-Inception features, Fréchet distance, cached reference stats),
+bits/dim, PSNR and image grids."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from biflow.metrics import (
+    FIDStats,
+    bits_per_dim,
+    compute_fid,
+    feature_stats,
+    fid_from_features,
+    frechet_distance,
+    inception_features,
+    make_grid,
+    psnr,
+    reference_stats,
+    reference_stats_path,
+    save_grid,
+)
+
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+HALF = 128  # images per half: Inception costs ~0.11 s/image on 2 CPU cores
+NOISE = 32
+
+
+def read_idx_images(path: Path, count: int) -> torch.Tensor:
+    raw = gzip.open(path).read()
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1)
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> torch.Tensor:
+    if not FMNIST_TEST.exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or `make dataset`)")
+    return read_idx_images(FMNIST_TEST, 2 * HALF)
+
+
+@pytest.fixture(scope="module")
+def features(fmnist) -> dict[str, np.ndarray]:
+    """Features shared by the FID tests: two halves of the test split and
+    uniform noise images (drawn at the network's own 299 px)."""
+    both = inception_features(fmnist, batch_size=64)
+    noise = torch.rand(NOISE, 1, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return {"a": both[:HALF], "b": both[HALF:], "noise": inception_features(noise, batch_size=32)}
+
+
+def test_features_shape_dtype(features):
+    assert features["a"].shape == (HALF, 2048) and features["a"].dtype == np.float64
+    assert np.isfinite(features["a"]).all() and features["a"].std() > 0
+
+
+def test_fid_of_a_set_against_itself_is_zero(features):
+    _, sigma = feature_stats(features["a"])
+    fid = fid_from_features(features["a"], features["a"], method="eigh")
+    assert abs(fid) < 1e-6 * np.trace(sigma), (fid, np.trace(sigma))
+
+
+@pytest.mark.slow
+def test_fid_self_zero_with_reference_sqrtm(features):
+    # scipy.linalg.sqrtm at 2048-d costs ~11 s on 2 cores; same bound as eigh
+    _, sigma = feature_stats(features["a"])
+    fid = fid_from_features(features["a"], features["a"])
+    assert abs(fid) < 1e-6 * np.trace(sigma), (fid, np.trace(sigma))
+    halves = fid_from_features(features["a"], features["b"])
+    assert halves == pytest.approx(fid_from_features(features["a"], features["b"], method="eigh"), rel=1e-6)
+
+
+def test_fid_halves_small_noise_large(features):
+    halves = fid_from_features(features["a"], features["b"], method="eigh")
+    noise = fid_from_features(features["a"], features["noise"], method="eigh")
+    # at 2x128 images the halves' FID is mostly small-sample bias (~80);
+    # noise lands near 570
+    assert 0 < halves < 150, halves
+    assert noise > 300 and noise > 5 * halves, (noise, halves)
+
+
+def test_grayscale_equals_replicated_rgb_and_any_size():
+    x = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gray = inception_features(x)
+    rgb = inception_features(x.expand(-1, 3, -1, -1).numpy())  # numpy input too
+    assert gray.shape == (2, 2048)
+    np.testing.assert_allclose(gray, rgb, atol=1e-5)
+    batches = inception_features([x[:1], x[1:]], batch_size=1)  # an iterable of batches
+    np.testing.assert_allclose(batches, gray, atol=1e-4)
+
+
+def direct_scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root.real))
+
+
+def test_frechet_matches_direct_scipy():
+    rng = np.random.default_rng(0)
+    f1 = rng.standard_normal((400, 32))
+    f2 = rng.standard_normal((300, 32)) @ rng.standard_normal((32, 32)) * 0.5 + 0.3
+    expected = direct_scipy_fid(f1, f2)
+    assert fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+    assert fid_from_features(f1, f2, method="eigh") == pytest.approx(expected, rel=1e-7)
+
+
+def test_frechet_closed_form_for_diagonal_gaussians():
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])
+    mu1, mu2 = np.zeros(3), np.array([1.0, -2.0, 0.0])
+    expected = 1 + 4 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)  # |dmu|^2 + sum (sqrt a - sqrt b)^2
+    for method in ("sqrtm", "eigh"):
+        assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_singular_covariances_stay_finite():
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.standard_normal((5, 20)), rng.standard_normal((5, 20))  # rank 4 of 20
+    d_sqrtm, d_eigh = fid_from_features(f1, f2), fid_from_features(f1, f2, method="eigh")
+    assert np.isfinite(d_sqrtm) and d_sqrtm == pytest.approx(d_eigh, rel=1e-4)
+
+
+def test_reference_stats_cached_per_split(tmp_path, fmnist):
+    images = fmnist[:8]
+    calls = []
+
+    def load():
+        calls.append(1)
+        return images
+
+    stats = reference_stats("fashion-mnist", "test", load, count=8, image_size=28, cache_dir=tmp_path)
+    path = reference_stats_path("fashion-mnist", "test", 8, 28, tmp_path)
+    assert path.is_file() and path.name.startswith("fashion-mnist-test-n8-s28")
+    again = reference_stats("fashion-mnist", "test", load, count=8, image_size=28, cache_dir=tmp_path)
+    assert len(calls) == 1  # the second call read the cache, not the dataset
+    np.testing.assert_array_equal(stats.sigma, again.sigma)
+    assert again.count == 8 and stats.mu.shape == (2048,)
+    assert reference_stats_path("fashion-mnist", "train", 8, 28, tmp_path) != path
+    # samples equal to the reference set: FID ~ 0 (8 samples in 2048-d: rank 7,
+    # so round-off in the ~2040 null directions leaves ~1e-4)
+    fid = compute_fid(images, again, method="eigh")
+    assert abs(fid) < 1e-3, fid
+    loaded = FIDStats.load(path)
+    np.testing.assert_array_equal(loaded.mu, stats.mu)
+
+
+def test_bits_per_dim():
+    assert bits_per_dim(math.log(2)) == pytest.approx(1.0)
+    # 8-bit data scaled to [-1, 1]: + log2(128) bits per dim
+    assert bits_per_dim(0.0, num_bins=256) == pytest.approx(7.0)
+    # standard normal entropy per dim, in bits
+    assert bits_per_dim(0.5 * math.log(2 * math.pi * math.e)) == pytest.approx(2.0470956, abs=1e-6)
+    t = bits_per_dim(torch.tensor([math.log(4.0)]))
+    assert torch.allclose(t, torch.tensor([2.0]))
+
+
+def test_psnr_known_values():
+    x = torch.zeros(2, 1, 4, 4)
+    x_hat = x.clone()
+    x_hat[0] += 0.1  # mse 0.01 -> 10 log10(4 / 0.01) = 26.0206 dB
+    x_hat[1] += 0.2  # mse 0.04 -> 20.0000 dB
+    per_image = psnr(x_hat, x, reduction="none")
+    assert torch.allclose(per_image, torch.tensor([26.0206, 20.0]), atol=1e-3)
+    assert psnr(x_hat, x).item() == pytest.approx(23.0103, abs=1e-3)
+    assert psnr(x_hat[:1] * 10, x[:1] * 10, data_range=20.0).item() == pytest.approx(26.0206, abs=1e-3)
+
+
+def test_make_grid_layout():
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 4, 6)
+    grid = make_grid(images, nrow=3, padding=2, pad_value=-1)
+    assert grid.shape == (3, 2 * (4 + 2) + 2, 3 * (6 + 2) + 2)
+    assert grid[0, 2, 2].item() == 0 and grid[0, 2, 10].item() == 1
+    assert grid[0, 8, 2].item() == 3 and grid[0, 8, 10].item() == 4
+    assert grid[0, 8, 18].item() == -1  # the empty sixth cell is padding
+    assert grid[0, 0, 0].item() == -1
+
+
+def test_save_grid_png(tmp_path):
+    gray = torch.full((4, 1, 5, 5), -1.0)
+    gray[1] = 1.0
+    path = save_grid(gray, tmp_path / "sub" / "grid.png", nrow=2, padding=1)
+    img = Image.open(path)
+    assert img.mode == "L" and img.size == (2 * 6 + 1, 2 * 6 + 1)
+    arr = np.asarray(img)
+    assert arr[1, 1] == 0 and arr[1, 7] == 255 and arr[0, 0] == 255
+    rgb = save_grid(torch.zeros(3, 3, 8, 8), tmp_path / "rgb.png", nrow=3)
+    img = Image.open(rgb)
+    assert img.mode == "RGB" and np.asarray(img)[2, 2].tolist() == [128, 128, 128]
