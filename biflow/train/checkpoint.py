@@ -7,10 +7,13 @@ A checkpoint directory, as Ray Train stores it under ``STORAGE/RUN/``::
       ema.safetensors      full fp32 EMA weights + config in the header (rank 0)
       deepspeed/...        DeepSpeed engine state, one file per rank for ZeRO
       ddp_state.pt         (plain DDP engine instead of DeepSpeed)
+      COMMITTED            written last, once every rank's upload finished
 
 Every rank writes its engine state into its own local temp dir and reports it;
 Ray merges the directories. The directory name carries the global step, so the
-latest checkpoint of a run is the one with the largest number.
+latest checkpoint of a run is the one with the largest number among the
+committed ones (a run killed during an upload leaves a directory without
+``COMMITTED``; it is never taken as a checkpoint).
 
 Nothing here reads environment variables or credentials: the filesystem comes
 from :func:`biflow.data.storage.resolve`.
@@ -35,6 +38,9 @@ from biflow.errors import UserError
 
 METADATA = "metadata.json"
 EMA_FILE = "ema.safetensors"
+# Written by rank 0 after every rank's upload finished: ``ray.train.report`` has no
+# barrier after the upload, so ema.safetensors alone may sit beside missing ZeRO files.
+COMMIT_FILE = "COMMITTED"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -96,12 +102,30 @@ def _join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def is_committed(fs: pafs.FileSystem, path: str) -> bool:
+    """A complete checkpoint: EMA weights and the commit marker written after every
+    rank's upload. Checkpoints written before the marker existed (no
+    ``commit_marker`` in their metadata) count when their EMA file exists."""
+    if not storage.exists(fs, storage.join(path, EMA_FILE)):
+        return False
+    if storage.exists(fs, storage.join(path, COMMIT_FILE)):
+        return True
+    try:
+        return not json.loads(storage.read_bytes(fs, storage.join(path, METADATA))).get("commit_marker", False)
+    except (OSError, ValueError):
+        return False
+
+
+def commit(fs: pafs.FileSystem, path: str) -> None:
+    storage.write_bytes(fs, storage.join(path, COMMIT_FILE), b"ok\n")
+
+
 def _checkpoints_in(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]]:
     selector = pafs.FileSelector(run_path, recursive=False, allow_not_found=True)
     found = []
     for info in fs.get_file_info(selector):
         m = CHECKPOINT_RE.match(posixpath.basename(info.path))
-        if m and info.type == pafs.FileType.Directory and storage.exists(fs, storage.join(info.path, EMA_FILE)):
+        if m and info.type == pafs.FileType.Directory and is_committed(fs, info.path):
             found.append((int(m.group(1)), posixpath.basename(info.path)))
     return sorted(found)
 
@@ -127,7 +151,7 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
     for uri in candidates:
         fs, path = storage.resolve(uri, endpoint, region)
         looked.append(uri)
-        if storage.exists(fs, storage.join(path, EMA_FILE)):
+        if is_committed(fs, path):
             m = CHECKPOINT_RE.match(posixpath.basename(path))
             step = int(m.group(1)) if m else -1
             return CheckpointRef(fs, path, uri, step)

@@ -14,7 +14,8 @@ Read it top to bottom in :func:`train_loop`:
 ``train_loop_config`` is ``{"experiment": to_dict(cfg), "run": {...}, "hooks": {...}}``:
 ``run`` carries the run name, storage URI and the resolved forward checkpoint;
 ``hooks`` are test hooks (``nan_at_steps``: a list of step numbers, each entry
-makes one attempt at that step produce a NaN loss).
+makes one attempt at that step produce a NaN loss; ``kill_at_steps`` /
+``kill_in_checkpoint``: SIGKILL a worker, see :class:`KillHook`).
 """
 
 from __future__ import annotations
@@ -265,7 +266,8 @@ def _batches(cfg: ExperimentConfig, state: TrainState) -> Iterator[tuple[int, in
 
 
 def save_checkpoint(engine: Engine, ema: ParamEMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
-                    metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None) -> None:
+                    metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None,
+                    kill: Any = None) -> None:
     """Collective: every rank saves engine state to a local dir and reports it."""
     import ray.train
 
@@ -276,13 +278,47 @@ def save_checkpoint(engine: Engine, ema: ParamEMA, state: TrainState, cfg: Exper
     if rank() == 0:
         meta = {"stage": cfg.stage, "run": run.name, "world_size": world_size(), "engine": cfg.train.engine,
                 "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg), **dataclasses.asdict(state),
+                "commit_marker": True,
                 "data_position": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "samples_seen": state.samples_seen}}
         ckpt_io.write_rank0_files(directory, ema_full, meta)
+    if kill is not None:
+        kill("save", state.step)
     ray.train.report({**metrics, "step": state.step, "skipped_steps": state.skipped_steps},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=ckpt_io.checkpoint_dir_name(state.step),
                      delete_local_checkpoint_after_upload=True)
+    # report() syncs ranks before the upload, not after it: wait for every rank's
+    # upload, then mark the checkpoint complete (a partial one is never "latest").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if kill is not None:
+        kill("commit", state.step)
+    if rank() == 0:
+        from biflow.data import storage
+
+        fs, path = storage.resolve(run.uri, run.endpoint, run.region, check=False)
+        ckpt_io.commit(fs, storage.join(path, ckpt_io.checkpoint_dir_name(state.step)))
+
+
+def newest_checkpoint(checkpoint: Any, run: RunInfo) -> tuple[Any, str]:
+    """Ray's latest checkpoint, or a newer committed one in the run directory.
+
+    Ray registers a checkpoint on the controller some time after every rank
+    reported it; a worker or driver killed in between leaves a complete,
+    committed checkpoint that Ray does not know about. Resuming from Ray's
+    older one would repeat committed steps."""
+    import ray.train
+
+    ray_step = -1
+    if checkpoint is not None:
+        m = ckpt_io.CHECKPOINT_RE.match(Path(str(checkpoint.path)).name)
+        ray_step = int(m.group(1)) if m else -1
+    ours = ckpt_io.latest_checkpoint(run.uri, run.endpoint, run.region)
+    if ours is not None and ours.step > ray_step:
+        return ray.train.Checkpoint(path=ours.path, filesystem=ours.fs), (
+            f"checkpoint {ours.step} (committed; Ray had registered {ray_step if ray_step >= 0 else 'none'})")
+    return checkpoint, f"checkpoint {ray_step}"
 
 
 def restore(engine: Engine, ema: ParamEMA, checkpoint: Any) -> TrainState:
@@ -308,6 +344,42 @@ def restore(engine: Engine, ema: ParamEMA, checkpoint: Any) -> TrainState:
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+
+
+class KillHook:
+    """Test hook: SIGKILL this worker process at chosen points, each once across restarts.
+
+    ``hooks["kill_at_steps"]``: ``[[step, rank], ...]`` kills that rank right after
+    optimizer step ``step`` (before its log line and checkpoint);
+    ``hooks["kill_in_checkpoint"]``: ``[[step, rank, phase], ...]`` kills that rank
+    inside ``save_checkpoint`` at ``step``: phase ``"save"`` after its engine state
+    is written locally and before it is reported, ``"commit"`` after every rank's
+    upload and before the commit marker. ``hooks["marker_dir"]`` (required) holds one marker file per
+    kill, so a restarted worker passing the same point again does not die again.
+    """
+
+    def __init__(self, hooks: dict[str, Any]):
+        self.marker_dir = hooks.get("marker_dir")
+        self.points = {("step", int(s), int(r)) for s, r in hooks.get("kill_at_steps") or []}
+        for s, r, phase in hooks.get("kill_in_checkpoint") or []:
+            if phase not in ("save", "commit"):
+                raise ValueError(f"kill_in_checkpoint phase {phase!r}: use 'save' or 'commit'")
+            self.points.add((phase, int(s), int(r)))
+        if self.points and not self.marker_dir:
+            raise ValueError("kill hooks need hooks['marker_dir']")
+
+    def __call__(self, point: str, step: int) -> None:
+        if (point, step, rank()) not in self.points:
+            return
+        import os
+        import signal
+
+        marker = Path(self.marker_dir) / f"killed-{point}-{step}-rank{rank()}"
+        if marker.exists():
+            return
+        marker.write_text(str(time.time()))
+        print(f"[hook] SIGKILL rank {rank()} (pid {os.getpid()}) at {point} {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class NanInjector:
@@ -343,10 +415,11 @@ def train_loop(config: dict[str, Any]) -> None:
     say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
 
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, source = newest_checkpoint(ray.train.get_checkpoint(), run)
     if checkpoint is not None:
         state = restore(engine, ema, checkpoint)
-        say(f"resumed {run.name} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
+        say(f"resumed {run.name} at step {state.step} from {source} "
+            f"(epoch {state.epoch}, {state.samples_seen} samples seen)")
     start_step = state.step
     total = cfg.train.steps
     nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
@@ -356,6 +429,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     logger = Logger(run, cfg.stage, total, enabled=is_rank0)
     nan_injector = NanInjector(hooks.get("nan_at_steps"))
+    kill = KillHook(hooks)
     batches = _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
@@ -412,6 +486,7 @@ def train_loop(config: dict[str, Any]) -> None:
         window["grad_norm"] += engine.last_grad_norm
 
         step = state.step
+        kill("step", step)
         log_now = step % cfg.train.log_every == 0 or step == total
         if log_now:
             elapsed = time.perf_counter() - window_start - window_pause
@@ -443,7 +518,7 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.image(step, stage.sample(module_copy.eval(), sample_labels, generator=gen))
         if ckpt_now:
             save_checkpoint(engine, ema, state, cfg, run,
-                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full)
+                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full, kill=kill)
             logger.sync()
         window_pause += time.perf_counter() - t_pause  # sampling and checkpoints are not training throughput
     logger.close()
