@@ -228,11 +228,11 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
                 from biflow.metrics import FIDStats, frechet_distance
 
                 st = FIDStats.from_features(feats)
-                fid = frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma)
+                fid = frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma, method="eigh")
                 grid = generate(flow, rev, sampler, opts.grid, w, opts.grid, 0)
             else:
                 xs = generate(flow, rev, sampler, opts.num_samples, w, opts.batch_size, 0)
-                fid = compute_fid(xs, ref, batch_size=opts.batch_size)
+                fid = compute_fid(xs, ref, batch_size=opts.batch_size, method="eigh")
                 grid = xs[: opts.grid]
             grid_path = save_grid(grid, out / f"samples-{sampler}-w{w:g}.png", nrow=int(math.sqrt(opts.grid)))
             ms = time_sampler(flow, rev, sampler, w, opts.timing_batch)

@@ -21,9 +21,6 @@ from biflow.config import FlowConfig, ReverseConfig
 from biflow.models.tarflow import FlowOutput
 
 LOG_2PI = math.log(2 * math.pi)
-# Pixels u in {0..255} map to x = u / 127.5 - 1, so densities over x and u
-# differ by a factor 127.5 per dimension.
-LOG_PIXEL_SCALE = math.log(127.5)
 
 
 # ---------------------------------------------------------------------------
@@ -39,8 +36,11 @@ def nll_per_dim(out: FlowOutput) -> Tensor:
 
 
 def bits_per_dim(nll_nats_per_dim: Tensor | float) -> Tensor | float:
-    """Bits per dimension on the 8-bit pixel scale (data in [-1, 1])."""
-    return (nll_nats_per_dim + LOG_PIXEL_SCALE) / math.log(2)
+    """Bits per dimension of 8-bit data scaled to [-1, 1] (256 bins of width
+    2/256), the figure papers report."""
+    from biflow.metrics import bits_per_dim as to_bits
+
+    return to_bits(nll_nats_per_dim, num_bins=256, data_range=2.0)
 
 
 def drop_labels(y: Tensor | None, p: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor | None:

@@ -35,7 +35,7 @@ def quickstart(out: str | Path = "runs/quickstart", workers: int = 2, overrides:
                num_samples: int = 500, guidance: float = 1.0, log: Callable[[str], None] = print) -> dict:
     from biflow.data.shards import prepare_data
     from biflow.evaluate import EvalOptions, evaluate
-    from biflow.train.launch import fit
+    from biflow.train.launch import fit, init_ray
 
     t0 = time.time()
     out = Path(out).resolve()
@@ -43,15 +43,18 @@ def quickstart(out: str | Path = "runs/quickstart", workers: int = 2, overrides:
     storage = str(out / "runs")
     timings = {}
 
+    common = [f"data.uri={data_uri}", f"ray.storage={storage}", f"ray.workers={workers}", *(overrides or [])]
+    fwd_cfg = job_config("quickstart-forward", common)
+    init_ray(None, fwd_cfg)  # one local Ray sized for the trainers plus Ray Data, shared by every step
+
     log(f"[1/4] Fashion-MNIST -> parquet shards in {data_uri}")
     t = time.time()
     prepare_data("", data_uri, "fashion-mnist")
     timings["data_s"] = time.time() - t
 
-    common = [f"data.uri={data_uri}", f"ray.storage={storage}", f"ray.workers={workers}", *(overrides or [])]
     log("[2/4] stage 1: forward flow (TARFlow), DeepSpeed ZeRO-2 on local Ray workers")
     t = time.time()
-    fit(job_config("quickstart-forward", common))
+    fit(fwd_cfg)
     timings["forward_s"] = time.time() - t
 
     log("[3/4] stage 2: reverse model (BiFlow) from the stage-1 checkpoint")
