@@ -120,6 +120,32 @@ def commit(fs: pafs.FileSystem, path: str) -> None:
     storage.write_bytes(fs, storage.join(path, COMMIT_FILE), b"ok\n")
 
 
+DIVERGED_FILE = "DIVERGED"
+
+
+def mark_diverged(run_uri: str, endpoint: str, region: str, message: str) -> None:
+    """Rank 0, when the run stops on non-finite steps: Ray's FailureConfig would
+    otherwise restart it from the same checkpoint into the same divergence."""
+    fs, path = storage.resolve(run_uri, endpoint, region, check=False)
+    storage.write_bytes(fs, storage.join(path, DIVERGED_FILE), message.encode())
+
+
+def diverged(run_uri: str, endpoint: str = "", region: str = "") -> str | None:
+    """The message of a run stopped for divergence, or None."""
+    fs, path = storage.resolve(run_uri, endpoint, region, check=False)
+    try:
+        return storage.read_bytes(fs, storage.join(path, DIVERGED_FILE)).decode()
+    except FileNotFoundError:
+        return None
+
+
+def clear_diverged(run_uri: str, endpoint: str = "", region: str = "") -> None:
+    """A new ``fit`` of the run is a deliberate retry (e.g. with a lower lr)."""
+    fs, path = storage.resolve(run_uri, endpoint, region, check=False)
+    if storage.exists(fs, storage.join(path, DIVERGED_FILE)):
+        fs.delete_file(storage.join(path, DIVERGED_FILE))
+
+
 def _checkpoints_in(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]]:
     selector = pafs.FileSelector(run_path, recursive=False, allow_not_found=True)
     found = []

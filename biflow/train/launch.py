@@ -73,6 +73,7 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
             raise ConfigError(f"ray.workers={cfg.ray.workers}: run {run.uri} was checkpointed with "
                               f"{meta.get('world_size')} workers and ZeRO state only resumes at the same "
                               f"world size; use --workers {meta.get('world_size')} or a new --name")
+    ckpt_io.clear_diverged(run.uri, run.endpoint, run.region)  # rerunning a stopped run is a deliberate retry
     return cfg, run
 
 

@@ -402,6 +402,9 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg: ExperimentConfig = load_config(config["experiment"])
     run = RunInfo(**config.get("run", {}))
     hooks = config.get("hooks", {}) or {}
+    stopped = ckpt_io.diverged(run.uri, run.endpoint, run.region)
+    if stopped:  # a FailureConfig restart after a divergence would only diverge again
+        raise TrainingDiverged(f"{stopped} (not restarted)")
     device = resolve_device()
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank())
 
@@ -446,10 +449,13 @@ def train_loop(config: dict[str, Any]) -> None:
         say(f"step {state.step + 1}: {reason}; skipped (consecutive {consecutive_bad}, total {state.skipped_steps})")
         if consecutive_bad >= cfg.train.max_bad_steps:
             kept = f"step {state.step - state.step % cfg.train.checkpoint_every}" if state.step >= cfg.train.checkpoint_every else "none yet"
-            raise TrainingDiverged(
+            message = (
                 f"stopping: {consecutive_bad} consecutive non-finite steps at step {state.step + 1} "
                 f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint ({kept}) is kept. "
                 f"Try a lower optim.lr, a smaller optim.grad_clip or a larger optim.warmup_steps.")
+            if is_rank0:
+                ckpt_io.mark_diverged(run.uri, run.endpoint, run.region, message)
+            raise TrainingDiverged(message)
 
     while state.step < total:
         # one optimizer step = grad_accum micro-batches with a finite loss
