@@ -465,6 +465,9 @@ def run_trial(params: dict[str, Any], plan: Plan, ref_stats: tuple | None = None
     run_uri = ""
     last: dict[str, Any] = {}
     for stage in plan.stages:
+        freed = release_orphaned_placement_groups()  # workers of trials stopped before this one
+        if freed:
+            print(f"[tune] freed {freed} worker group(s) left by stopped trials", flush=True)
         cfg = stage_config(plan, stage, params, prefix, forward_uri)
         cfg, run = prepare(cfg)
         trainer = build_trainer(cfg, run)
@@ -551,8 +554,7 @@ def release_orphaned_placement_groups() -> int:
 
     removed = 0
     try:
-        state._check_connected()
-        for raw in state.global_state_accessor.get_placement_group_table():
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
             pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
             if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
                     and pg.creator_actor_dead and not ray.ActorID(pg.creator_actor_id).is_nil()):
@@ -572,10 +574,11 @@ def _janitor():
         def __init__(self, every_s: float = 2.0):
             self.every_s, self.last = every_s, 0.0
 
-        def on_step(self, iteration, trials, **info):
+        def on_step_end(self, iteration, trials, **info):
             if time.time() - self.last > self.every_s:
                 self.last = time.time()
-                release_orphaned_placement_groups()
+                if release_orphaned_placement_groups():
+                    print("[tune] freed the worker group of a stopped trial", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             release_orphaned_placement_groups()
@@ -707,8 +710,9 @@ def _make_tuner(spec: SearchSpec, plan: Plan, ref_stats: tuple | None, trial_cfg
     num_samples = 1 if spec.search == "grid" and spec.num_samples == 1 else spec.num_samples
     log(f"search {spec.name}: {spec.search}, {num_samples}{' x grid' if spec.search == 'grid' else ''} trials, "
         f"{concurrency} at a time, each {trial_cfg.ray.workers} workers x {trial_cfg.ray.cpus_per_worker:g} CPU")
+    # reuse_actors=False: a stopped trial's process must exit, taking its trainer with it
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                  max_concurrent_trials=concurrency)
+                                  max_concurrent_trials=concurrency, reuse_actors=False)
     run_config = tune.RunConfig(name=spec.name, **storage_mod.ray_storage(spec.storage, spec.storage_endpoint),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                                 callbacks=[_janitor()])
