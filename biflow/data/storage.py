@@ -61,7 +61,13 @@ def _check_bucket(fs: pafs.FileSystem, bucket: str, endpoint: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
-        raise UserError(f"cannot reach S3 bucket {bucket!r}{where}: {clean_error(exc)}") from None
+        text = clean_error(exc)
+        if any(s in text for s in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                   "403", "EXPIRED_TOKEN", "ExpiredToken")):
+            raise UserError(f"access denied to S3 bucket {bucket!r}{where}: check the credentials (AWS_ACCESS_KEY_ID/"
+                            f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and the bucket policy "
+                            f"({text})") from None
+        raise UserError(f"cannot reach S3 bucket {bucket!r}{where}: {text}") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"S3 bucket {bucket!r} does not exist{where} (create it first, e.g. "
                         f"`aws s3 mb s3://{bucket}`)")

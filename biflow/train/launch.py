@@ -45,6 +45,7 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
         raise ConfigError(f"name={cfg.name!r}: a run name must be non-empty and contain no '/'")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be >= 1")
+    _check_ranges(cfg)
     run = RunInfo(name=cfg.name, storage=cfg.ray.storage, endpoint=cfg.ray.storage_endpoint)
     storage_mod.resolve(run.storage, run.endpoint, run.region)  # bucket exists, URI is well formed
 
@@ -75,6 +76,29 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
                               f"world size; use --workers {meta.get('world_size')} or a new --name")
     ckpt_io.clear_diverged(run.uri, run.endpoint, run.region)  # rerunning a stopped run is a deliberate retry
     return cfg, run
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    """Ranges the config classes do not check (optim, data, ray): a negative lr or
+    shuffle buffer would otherwise fail inside every worker, or train backwards."""
+    o, d, r, t = cfg.optim, cfg.data, cfg.ray, cfg.train
+    checks = [
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 disables)"),
+        ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay <= 1, "in [0, 1]"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "in [0, 1)"),
+        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer >= 0, ">= 0 (0 = file order only)"),
+        ("data.prefetch_batches", d.prefetch_batches, d.prefetch_batches >= 0, ">= 0"),
+        ("train.sample_every", t.sample_every, t.sample_every >= 0, ">= 0 (0 disables)"),
+        ("ray.cpus_per_worker", r.cpus_per_worker, r.cpus_per_worker > 0, "> 0"),
+        ("ray.max_failures", r.max_failures, r.max_failures >= -1, ">= 0, or -1 for unlimited"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value}: must be {rule}")
 
 
 def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
