@@ -1,0 +1,25 @@
+"""End to end: the README's main command on real Fashion-MNIST (slow tier)."""
+
+import json
+
+import pytest
+
+from biflow.cli import app
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_short(tmp_path, fashion_mnist_dir):
+    from typer.testing import CliRunner
+
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--num-samples", "64",
+                                      "--set", "train.steps=30", "--set", "train.log_every=10"])
+    assert result.exit_code == 0, result.output[-3000:]
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert res["checkpoint"]["forward_step"] == 30 and res["checkpoint"]["reverse_step"] == 30
+    assert set(res["samplers"]) == {"biflow@w=0", "exact@w=0", "biflow@w=1", "exact@w=1"}
+    for r in res["samplers"].values():
+        assert r["fid"] > 0 and r["ms_per_image"] > 0
+        assert (out / "eval" / r["grid"].split("/")[-1]).stat().st_size > 500
+    assert 0 < res["bpd"] < 10 and res["recon_psnr_db"] > 5
+    assert res["timings"]["total_s"] > 0
