@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import posixpath
 from typing import Any, Iterator
 
 import numpy as np
@@ -47,26 +48,85 @@ def _output(x: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
+STATS_ACTOR = "biflow-data-stats"
+_STATS_HANDLES: dict[str, Any] = {}
+
+
+def data_stats_actor(name: str):
+    """A named counter of corrupt records skipped by decoding (read by the training loop)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DataStats:
+        def __init__(self):
+            self.corrupt = 0
+
+        def add(self, n: int) -> None:
+            self.corrupt += n
+
+        def get(self) -> int:
+            return self.corrupt
+
+    handle = DataStats.options(name=name, get_if_exists=True).remote()
+    _STATS_HANDLES[name] = handle  # a named actor lives while a handle does
+    return handle
+
+
+def corrupt_records(name: str) -> int | None:
+    """Corrupt records skipped so far by the dataset whose stats actor is ``name``."""
+    import ray
+
+    try:
+        return int(ray.get(ray.get_actor(name).get.remote(), timeout=10))
+    except Exception:  # stats are best effort
+        return None
+
+
 class DecodeImages:
     """Encoded bytes -> uint8 (B, C, H, W), resized/cropped to ``image_size``,
-    optionally flipped left-right with probability 1/2."""
+    optionally flipped left-right with probability 1/2. A record that does not
+    decode is dropped with a warning (and counted in the ``stats`` actor), so a
+    corrupt image inside a valid shard does not stop a run."""
 
-    def __init__(self, image_size: int | None, channels: int, random_flip: bool):
+    def __init__(self, image_size: int | None, channels: int, random_flip: bool, stats: str = ""):
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
+        self.stats = stats
         self.rng = np.random.default_rng()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
         mode = "L" if self.channels == 1 else "RGB"
-        arrays = []
-        for data in batch["image"]:
-            img = Image.open(io.BytesIO(data))
-            if img.mode != mode:
-                img = img.convert(mode)
-            if self.image_size and img.size != (self.image_size, self.image_size):
-                img = resize_center_crop(img, self.image_size)
-            arrays.append(np.asarray(img, dtype=np.uint8))
+        arrays, keep, errors = [], [], []
+        for i, data in enumerate(batch["image"]):
+            try:
+                img = Image.open(io.BytesIO(data))
+                if img.mode != mode:
+                    img = img.convert(mode)
+                if self.image_size and img.size != (self.image_size, self.image_size):
+                    img = resize_center_crop(img, self.image_size)
+                arrays.append(np.asarray(img, dtype=np.uint8))
+                keep.append(i)
+            except Exception as exc:  # PIL raises many types for bad bytes
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if errors:
+            import sys
+
+            print(f"[data] warning: skipped {len(errors)} corrupt image(s) of {len(batch['image'])} in a batch "
+                  f"(first: {errors[0]})", file=sys.stderr, flush=True)
+            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+            if self.stats:
+                import ray
+
+                try:
+                    ray.get_actor(self.stats).add.remote(len(errors))
+                except Exception:
+                    pass
+        if not arrays:
+            side = self.image_size or 0
+            shape = (0, side, side) if self.channels == 1 else (0, side, side, 3)
+            return _output(np.zeros(shape, np.uint8)[:, None] if self.channels == 1
+                           else np.zeros(shape, np.uint8).transpose(0, 3, 1, 2), batch)
         x = np.stack(arrays)
         x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
         if self.random_flip:
@@ -120,13 +180,16 @@ def _classic_parquet_reader():
 def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: int | None = None,
                   channels: int | None = None, *, train: bool = True, seed: int = 0, limit: int = 0,
                   normalize_latents: bool = True, batch_size: int = 256, with_keys: bool = False,
-                  manifest: Manifest | None = None) -> "ray.data.Dataset":  # noqa: F821
+                  manifest: Manifest | None = None, stats: str = "") -> "ray.data.Dataset":  # noqa: F821
     """A streaming dataset of ``{"x": uint8 (B,C,H,W) or float32 latents, "y": int64}``.
 
     ``image_size``/``channels`` default to what the manifest stored. ``train``
     turns on the shuffled file order and ``data_cfg.random_flip``; otherwise
     nothing is random (evaluation; every record once, in no particular order).
-    ``with_keys`` keeps the ``key`` column (tests, debugging).
+    ``with_keys`` keeps the ``key`` column (tests, debugging). Shards that are
+    missing or whose size differs from the manifest (truncated, overwritten) are
+    skipped with a warning; ``stats`` names a :func:`data_stats_actor` that counts
+    corrupt records dropped while decoding.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -134,7 +197,7 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
     split = split or data_cfg.split
     manifest = manifest or read_manifest(data_cfg.uri, data_cfg.endpoint, data_cfg.region)
     fs, root = storage.resolve(data_cfg.uri, data_cfg.endpoint, data_cfg.region)
-    paths = [storage.join(root, p) for p in manifest.shard_paths(split)]
+    paths = _usable_shards(fs, root, manifest, split)
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
     with _classic_parquet_reader():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, file_extensions=None)
@@ -150,9 +213,42 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
     else:
         if not (image_size or manifest.image_size):
             raise UserError(f"{data_cfg.uri} keeps the source image sizes; give an image_size to resize to")
-        decode = DecodeImages(image_size or manifest.image_size, channels or manifest.channels, flip)
+        decode = DecodeImages(image_size or manifest.image_size, channels or manifest.channels, flip, stats)
         ds = ds.select_columns(["image", "label"] + extra)
     return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy", zero_copy_batch=False)
+
+
+def _why(size: int | None, expected: int | None) -> str:
+    return "missing" if size is None else f"{size} bytes, the manifest says {expected}"
+
+
+def _usable_shards(fs, root: str, manifest: Manifest, split: str) -> list[str]:
+    """Shard paths of ``split`` whose size matches the manifest (one listing per split)."""
+    import sys
+
+    import pyarrow.fs as pafs
+
+    shards = manifest.split(split)["shards"]
+    sizes = {}
+    for d in sorted({posixpath.dirname(s["path"]) for s in shards}):
+        sel = pafs.FileSelector(storage.join(root, d) if d else root, recursive=False, allow_not_found=True)
+        sizes.update({i.path: i.size for i in fs.get_file_info(sel) if i.type == pafs.FileType.File})
+    good, bad = [], []
+    for s in shards:
+        path = storage.join(root, s["path"])
+        size = sizes.get(path)
+        if size is None or ("bytes" in s and size != s["bytes"]):
+            bad.append(f"{s['path']} ({_why(size, s.get('bytes'))})")
+        else:
+            good.append(path)
+    if bad:
+        print(f"[data] warning: skipping {len(bad)} of {len(shards)} {split} shards of {manifest.uri} that do not "
+              f"match the manifest (truncated, overwritten or missing; `verify_shards` checks checksums): "
+              f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}", file=sys.stderr, flush=True)
+    if not good:
+        raise UserError(f"no usable {split} shards under {manifest.uri}: all {len(shards)} are missing or "
+                        f"differ from the manifest; prepare the data again")
+    return good
 
 
 def to_model_batch(batch: dict[str, np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821

@@ -140,11 +140,14 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
 
     DataContext.get_current().enable_progress_bars = False  # the loop prints its own progress line
     use_gpu = _use_gpu(cfg)
+    stats = ""
     if datasets is None:
-        from biflow.data.pipeline import build_dataset
+        from biflow.data.pipeline import STATS_ACTOR, build_dataset, data_stats_actor
 
+        stats = f"{STATS_ACTOR}-{run.name}-{os.getpid()}"  # counts corrupt records skipped by decoding
+        data_stats_actor(stats)
         datasets = {"train": build_dataset(cfg.data, cfg.data.split, cfg.flow.image_size, cfg.flow.channels,
-                                           train=True, seed=cfg.train.seed)}
+                                           train=True, seed=cfg.train.seed, stats=stats)}
     env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
@@ -154,7 +157,8 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env},
     )
-    loop_config = {"experiment": to_dict(cfg), "run": vars(run).copy(), "hooks": dict(hooks or {})}
+    loop_config = {"experiment": to_dict(cfg), "run": vars(run).copy(), "hooks": dict(hooks or {}),
+                   "data_stats": stats}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -506,8 +506,16 @@ def train_loop(config: dict[str, Any]) -> None:
             scalars.update({"train/lr": engine.lr, "train/skipped_steps": float(state.skipped_steps),
                             "perf/samples_per_s": samples_per_s, "perf/steps_per_s": steps_per_s,
                             "perf/data_wait_frac": wait})
+            corrupt = None
+            if is_rank0 and config.get("data_stats"):
+                from biflow.data.pipeline import corrupt_records
+
+                corrupt = corrupt_records(config["data_stats"])
+                if corrupt is not None:
+                    scalars["data/corrupt_records"] = float(corrupt)
             logger.scalars(step, scalars)
             extra = f" | bpd {means['bpd']:.3f}" if "bpd" in means else ""
+            extra += f" | corrupt records skipped {corrupt}" if corrupt else ""
             extra += f" | lr {engine.lr:.2e} | skipped {state.skipped_steps}" if state.skipped_steps else f" | lr {engine.lr:.2e}"
             logger.console(step, means.get("loss", float("nan")), extra, samples_per_s, steps_per_s)
             window.clear()
