@@ -512,6 +512,30 @@ def _search_space(params: list[Param], search: str) -> dict[str, Any]:
     return space
 
 
+def _optuna_search_cls() -> type:
+    """OptunaSearch that skips reports without the objective (with metric: fid, every
+    training report before the trial's last one), instead of raising KeyError."""
+    cls = globals().get("_OptunaMetricSearch")
+    if cls is None:
+        from ray.tune.search.optuna import OptunaSearch
+
+        class _OptunaMetricSearch(OptunaSearch):
+            def on_trial_result(self, trial_id: str, result: dict) -> None:
+                if self.metric in result:
+                    super().on_trial_result(trial_id, result)
+
+        _OptunaMetricSearch.__module__ = __name__
+        _OptunaMetricSearch.__qualname__ = "_OptunaMetricSearch"
+        globals()["_OptunaMetricSearch"] = cls = _OptunaMetricSearch
+    return cls
+
+
+def __getattr__(name: str) -> Any:  # pickle finds the searcher class when a search is restored
+    if name == "_OptunaMetricSearch":
+        return _optuna_search_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _init_ray(address: str, cpus_needed: float) -> None:
     import ray
 
@@ -699,9 +723,7 @@ def _make_tuner(spec: SearchSpec, plan: Plan, ref_stats: tuple | None, trial_cfg
     else:
         scheduler = FIFOScheduler()
     if spec.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, seed=spec.seed)
+        search_alg = _optuna_search_cls()(metric=plan.metric, mode=plan.mode, seed=spec.seed)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -752,6 +774,8 @@ def search(config: str | Path | dict, overrides: list[str] | None = None, name: 
         stage_config(plan, "reverse", {}, "check")  # forward checkpoint in place: the reverse job is complete
     ref_stats = None
     if spec.metric == "fid":
+        # FID comes with a trial's last report only; the training reports before it lack it
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         ref_stats = _reference_stats(trial_cfg, spec.fid_samples, spec.fid_batch_size, log)
 
     trainable, tune_config, run_config, space = _make_tuner(spec, plan, ref_stats, trial_cfg, address, log)
