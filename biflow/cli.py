@@ -115,6 +115,25 @@ def bench_sampling_cmd(
     bench_sampling(out, preset=preset, guidance=guidance, batch_sizes=tuple(batch) if batch else None, reps=reps)
 
 
+@bench_app.command("train")
+@friendly_errors
+def bench_train_cmd(
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for train.json and train.png."),
+    preset: str = typer.Option("quickstart", help="quickstart (the quickstart forward flow) or tiny."),
+    workers: int = typer.Option(2, help="Ray Train workers (1 CPU each); the plain loop gets as many threads."),
+    window: Optional[int] = typer.Option(None, help="Optimizer steps per timing window (default per preset)."),
+    windows: Optional[int] = typer.Option(None, help="Timed windows after one warm-up window (default per preset)."),
+    memory: bool = typer.Option(True, help="Measure per-rank model-state memory, ZeRO-3 vs ZeRO-0."),
+    mfu: bool = typer.Option(True, help="Measure bf16 forward-flow training MFU (CUDA only)."),
+    peak_tflops: Optional[float] = typer.Option(None, help="bf16 peak TFLOP/s of the GPU (default: known GPUs)."),
+) -> None:
+    """ZeRO-2 under Ray Train vs a plain PyTorch loop (samples/s), ZeRO-3 vs ZeRO-0 memory, GPU MFU."""
+    from biflow.bench import bench_train
+
+    bench_train(out, preset=preset, workers=workers, window=window, windows=windows, memory=memory, mfu=mfu,
+                peak_tflops=peak_tflops)
+
+
 def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
     out = [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
     return out or None

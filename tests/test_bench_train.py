@@ -1,0 +1,157 @@
+"""`biflow bench train`: the FLOP formula against a hand count and torch's FLOP
+counter, the MFU code path on CPU, and a tiny end-to-end run (real Ray Train
+workers, real DeepSpeed) whose JSON ratios must be the ones computed from its
+own measured numbers. The full-size benchmark is marked slow."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from biflow.bench import bench_train, flow_train_flops, gpu_bf16_peak, measure_mfu
+from biflow.config import FlowConfig
+
+TINY = dict(image_size=8, channels=1, patch_size=4, width=8, depth=1, num_blocks=2, num_heads=2, num_classes=10)
+
+
+def test_flow_train_flops_matches_a_hand_count():
+    cfg = FlowConfig(**TINY)  # token dim d = 1*4*4 = 16, N = 4 tokens, W = 8
+    w, d, n = 8, 16, 4
+    layer = (w * 3 * w + 3 * w) + (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w) + 2 * 2 * w  # 12W^2 + 13W
+    assert layer == 872
+    block = (d * w + w) + (w * 2 * d + 2 * d) + 2 * w + 1 * layer  # proj_in, proj_out, norm, layers
+    dense = 2 * block
+    assert dense == 2624
+    per_token = 6 * dense + 12 * (2 * 1) * w * n  # 6P + 12 L W N
+    f = flow_train_flops(cfg, batch=3)
+    assert f["dense_params"] == dense
+    assert f["flops_per_token"] == per_token == 16512
+    assert f["flops_per_step"] == 3 * n * per_token == 198144
+    # the tables left out are exactly the position and label embeddings
+    from biflow.models import TARFlow
+
+    total = sum(p.numel() for p in TARFlow(cfg).parameters())
+    assert total == dense + 2 * (n * w + (10 + 1) * w)
+
+
+def test_flow_train_flops_agrees_with_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from biflow.losses import forward_loss
+    from biflow.models import TARFlow
+
+    cfg = FlowConfig(image_size=16, channels=3, patch_size=2, width=64, depth=2, num_blocks=2, num_heads=4,
+                     num_classes=10)
+    batch = 4
+    flow = TARFlow(cfg)
+    x = torch.rand(batch, 3, 16, 16) * 2 - 1
+    y = torch.randint(0, 10, (batch,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = forward_loss(flow, x, y, cfg)
+        loss.backward()
+    counted = counter.get_total_flops()  # matmuls + attention, forward and backward
+    formula = flow_train_flops(cfg, batch)["flops_per_step"]
+    # the formula also counts biases/norms (6 per parameter) and the first block's
+    # input gradient that autograd skips: a few percent, no more
+    assert abs(formula - counted) / counted < 0.05, (formula, counted)
+
+
+def test_measure_mfu_code_path_on_cpu():
+    cfg = FlowConfig(**TINY)
+    r = measure_mfu(cfg, batch=4, steps=2, warmup=1, precision="fp32", peak_flops=1e12, device="cpu")
+    assert r["device"] == "cpu" and r["precision"] == "fp32" and r["steps_timed"] == 2
+    assert r["flops_per_step"] == flow_train_flops(cfg, 4)["flops_per_step"]
+    assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"])
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 1e12)
+    assert r["samples_per_s"] == pytest.approx(4 / r["step_s"])
+    assert measure_mfu(cfg, batch=2, steps=1, warmup=0, precision="fp32", device="cpu")["mfu"] is None
+
+
+def test_gpu_peak_table():
+    assert gpu_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert gpu_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert gpu_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_bf16_peak("Some Future GPU") is None
+
+
+def test_cli_rejects_unknown_preset(tmp_path):
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "train", "--out", str(tmp_path), "--preset", "nope"])
+    assert res.exit_code == 2
+    assert "unknown train preset 'nope'" in res.output
+
+
+def _check_results(r: dict, out_dir, workers: int = 2) -> None:
+    on_disk = json.loads((out_dir / "train.json").read_text())
+    assert (out_dir / "train.png").stat().st_size > 0
+    assert on_disk["benchmark"] == "train" and {"cpu_count", "torch"} <= set(on_disk["machine"])
+    assert on_disk["throughput"]["samples_per_s"] == r["throughput"]["samples_per_s"]
+    loads = r["load_average"]
+    assert {"start", "end"} <= set(loads) and all(len(v) == 3 for v in loads.values())
+
+    t = r["throughput"]
+    sps = t["samples_per_s"]
+    # each figure is the median of its own measured windows...
+    sessions = t["plain_sessions"][f"{workers}_threads"]
+    assert len(sessions) == 3  # before, between and after the two Ray runs
+    pooled = [w for sess in sessions for w in sess["window_samples_per_s"]]
+    assert sps["plain_pytorch"] == pytest.approx(statistics.median(pooled))
+    med = [statistics.median(sess["window_samples_per_s"]) for sess in sessions]
+    assert sps["deepspeed_zero2_ray"] == pytest.approx(
+        statistics.median(t["ray_runs"]["deepspeed_zero2"]["window_samples_per_s"]))
+    assert sps["ddp_ray"] == pytest.approx(statistics.median(t["ray_runs"]["ddp"]["window_samples_per_s"]))
+    assert all(v > 0 for v in sps.values())
+    # ...and the ratios are computed from those figures: each Ray run against the
+    # plain sessions right before and after it
+    assert t["ratio_zero2_vs_plain"] == pytest.approx(sps["deepspeed_zero2_ray"] / ((med[0] + med[1]) / 2))
+    assert t["ratio_ddp_vs_plain"] == pytest.approx(sps["ddp_ray"] / ((med[1] + med[2]) / 2))
+    one = [statistics.median(sess["window_samples_per_s"]) for sess in t["plain_sessions"]["1_threads"]]
+    best = max((med[0] + med[1]) / 2, (one[0] + one[1]) / 2)
+    assert t["ratio_zero2_vs_best_plain"] == pytest.approx(sps["deepspeed_zero2_ray"] / best)
+    assert t["ratio_zero2_vs_plain_pooled"] == pytest.approx(sps["deepspeed_zero2_ray"] / sps["plain_pytorch"])
+    assert t["meets_goal"] == (t["ratio_zero2_vs_plain"] >= 0.90)
+    for sess in t["plain_sessions"].values():
+        for s in sess:
+            assert s["torch_threads"] == s["threads"]
+    assert r["setup"]["threads"]["total"] == workers
+    assert r["setup"]["global_batch"] == workers * r["setup"]["batch_per_worker"]
+    assert r["setup"]["precision"] == "fp32"
+
+    m = r["memory"]
+    z0, z3 = m["breakdown_per_rank"]["zero0"], m["breakdown_per_rank"]["zero3"]
+    assert len(z0) == len(z3) == workers
+    assert m["ratio_zero3_vs_zero0"] == pytest.approx(max(x["model_states"] for x in z3) /
+                                                      max(x["model_states"] for x in z0))
+    nbytes = 4 * m["params"]
+    for rank0, rank3 in zip(z0, z3):
+        assert rank0["model_states"] == sum(rank0[k] for k in ("params", "master_params", "grads",
+                                                                "optimizer_states"))
+        assert rank0["params"] == nbytes and rank0["grads"] == nbytes  # ZeRO-0: full copies
+        assert rank0["optimizer_states"] >= 2 * nbytes  # two AdamW moments (+ step counters)
+        assert rank3["params"] <= nbytes / workers + 4 * 64 * 1024  # the rank's partition (+ padding)
+        assert rank3["optimizer_states"] < rank0["optimizer_states"] / workers * 1.05
+    assert m["worker_threads"]["torch_threads"] == 1  # 1 CPU per Ray Train worker
+
+    if torch.cuda.is_available():
+        assert r["mfu"]["mfu"] is not None or "reason" in r["mfu"]
+    else:
+        assert r["mfu"]["mfu"] is None and "no CUDA" in r["mfu"]["reason"]
+
+
+def test_bench_train_tiny_writes_json_with_ratios_from_measurements(ray_local, tmp_path):
+    r = bench_train(tmp_path, preset="tiny", window=1, windows=2, log=lambda s: None)
+    _check_results(r, tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_train_full(ray_local, tmp_path):
+    r = bench_train(tmp_path, preset="quickstart")
+    _check_results(r, tmp_path)
+    assert r["memory"]["params"] > 2_000_000  # states dominate
