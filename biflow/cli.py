@@ -134,6 +134,20 @@ def bench_train_cmd(
                 peak_tflops=peak_tflops)
 
 
+@bench_app.command("all")
+@friendly_errors
+def bench_all_cmd(out: Path = typer.Option(Path("runs/bench"), help="Output directory for every JSON and PNG.")) -> None:
+    """The whole suite: sampling, data and training benchmarks, one after another."""
+    from biflow.bench import bench_sampling, bench_train
+    from biflow.data.bench import bench_data
+
+    bench_sampling(out)
+    train_step, desc = _flow_train_step(64)
+    bench_data(out, train_step=train_step, model_desc=desc)
+    bench_train(out)
+    typer.echo(f"benchmarks written to {out}/")
+
+
 def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
     out = [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
     return out or None
