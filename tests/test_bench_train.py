@@ -37,11 +37,22 @@ def test_flow_train_flops_matches_a_hand_count():
     assert total == dense + 2 * (n * w + (10 + 1) * w)
 
 
-def test_flow_train_flops_agrees_with_torch_flop_counter():
+def _math_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
+    """Attention as plain matmuls (torch's FLOP counter does not see the CPU SDPA kernel)."""
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if is_causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def test_flow_train_flops_agrees_with_torch_flop_counter(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     from biflow.losses import forward_loss
-    from biflow.models import TARFlow
+    from biflow.models import TARFlow, layers
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", _math_sdpa)
 
     cfg = FlowConfig(image_size=16, channels=3, patch_size=2, width=64, depth=2, num_blocks=2, num_heads=4,
                      num_classes=10)
@@ -53,6 +64,8 @@ def test_flow_train_flops_agrees_with_torch_flop_counter():
     with counter:
         loss, _ = forward_loss(flow, x, y, cfg)
         loss.backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts.get("aten.bmm", 0) > 0  # the attention matmuls are counted
     counted = counter.get_total_flops()  # matmuls + attention, forward and backward
     formula = flow_train_flops(cfg, batch)["flops_per_step"]
     # the formula also counts biases/norms (6 per parameter) and the first block's
