@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray.job_submission  # noqa: F401  imported here, not first inside CliRunner's swapped stdio
 from typer.testing import CliRunner
 
 from biflow.cli import app
@@ -142,6 +143,11 @@ def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEWRONGKEY0000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-FAKE-0000")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # `biflow submit` would set RAY_AUTH_MODE=token in this process before importing Ray, and the
+    # session's later local Ray instances then fail to authenticate; the token logic has its own test
+    import biflow.submit
+
+    monkeypatch.setattr(biflow.submit, "_enable_token_auth", lambda: False)
     _, args, expected = next(c for c in _cases(tmp_path, bad_run, s3_auth, s3_server.endpoint) if c[0] == case)
     t0 = time.perf_counter()
     result = CliRunner().invoke(app, args)
@@ -191,16 +197,28 @@ def test_local_ray_dashboard_is_loopback_only_and_auth_is_never_disabled(monkeyp
             assert not re.search(r"RAY_AUTH_MODE\W{0,3}(value:\s*)?disabled", text), path
 
 
-def test_submit_reads_the_token_from_the_environment(monkeypatch, tmp_path):
-    from biflow import submit
+def test_submit_reads_the_token_from_the_environment(tmp_path):
+    """In a child process: Ray caches auth settings per process, so this one's environment stays untouched."""
+    import subprocess
+    import sys
 
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert submit._enable_token_auth() is False and "RAY_AUTH_MODE" not in os.environ
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "fake-token-for-test")
-    assert submit._enable_token_auth() is True and os.environ["RAY_AUTH_MODE"] == "token"
-    # the token is not forwarded into the job's environment
-    spec = submit.build_job(FWD, None, tmp_path, upload_code=False)
-    assert "fake-token-for-test" not in json.dumps(spec["runtime_env"])
-    assert "fake-token-for-test" not in (tmp_path / "job.yaml").read_text()
+    probe = ("import json, os, pathlib; from biflow import submit; on = submit._enable_token_auth(); "
+             "spec = submit.build_job(os.environ['JOB'], None, pathlib.Path(os.environ['WORK']), upload_code=False); "
+             "print(json.dumps({'on': on, 'mode': os.environ.get('RAY_AUTH_MODE'), 'env': spec['runtime_env'], "
+             "'yaml': (pathlib.Path(os.environ['WORK']) / 'job.yaml').read_text()}))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.update(JOB=FWD, RAY_AUTH_TOKEN_PATH=str(tmp_path / "no-token-file"))
+    results = []
+    for token in (None, "fake-token-for-test"):
+        env = {**base, "WORK": str(tmp_path / f"w{len(results)}")}
+        Path(env["WORK"]).mkdir()
+        if token:
+            env["RAY_AUTH_TOKEN"] = token
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    without, with_token = results
+    assert without["on"] is False and without["mode"] is None
+    assert with_token["on"] is True and with_token["mode"] == "token"
+    # the token is not forwarded into the job's environment or its config
+    assert "fake-token-for-test" not in json.dumps(with_token["env"]) + with_token["yaml"]
