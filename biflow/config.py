@@ -379,20 +379,26 @@ def load_config(
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = read_yaml(source)
     data = apply_overrides(_deep_copy(data), overrides)
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def read_yaml(source: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name ``what`` and the path."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -17,24 +17,23 @@ def _prior(shape: tuple[int, ...], device, dtype, generator: torch.Generator | N
     return torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
 
-def _latent_shape(cfg, batch: int) -> tuple[int, ...]:
-    return (batch, cfg.channels, cfg.image_size, cfg.image_size)
-
-
-def _param(model: nn.Module) -> Tensor:
-    return next(model.parameters())
+def _draw_latents(model: nn.Module, cfg, y: Tensor | None, num: int | None, z: Tensor | None,
+                  generator: torch.Generator | None) -> Tensor:
+    """z as given, else N(0, I) noise for len(y) (or num) images, on the model's device and dtype."""
+    if z is not None:
+        return z
+    batch = y.shape[0] if y is not None else num
+    if batch is None:
+        raise ValueError("sampling needs labels y, a count num, or latents z")
+    p = next(model.parameters())
+    return _prior((batch, cfg.channels, cfg.image_size, cfg.image_size), p.device, p.dtype, generator)
 
 
 @torch.no_grad()
 def sample_biflow(rev: nn.Module, y: Tensor | None, guidance: float = 0.0, num: int | None = None,
                   z: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """One network evaluation: z ~ N(0, I), x = G(z | y, w)."""
-    if z is None:
-        batch = y.shape[0] if y is not None else num
-        if batch is None:
-            raise ValueError("sample_biflow needs labels y, a count num, or latents z")
-        p = _param(rev)
-        z = _prior(_latent_shape(rev.flow_config, batch), p.device, p.dtype, generator)
+    z = _draw_latents(rev, rev.flow_config, y, num, z, generator)
     return rev(z, y, guidance=guidance).x
 
 
@@ -54,12 +53,7 @@ def sample_exact(flow: nn.Module, y: Tensor | None, guidance: float = 0.0, tweed
                  num: int | None = None, z: Tensor | None = None, noise_std: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
     """The exact inverse F^-1(z) (N-1 sequential steps per block), then Tweedie."""
-    if z is None:
-        batch = y.shape[0] if y is not None else num
-        if batch is None:
-            raise ValueError("sample_exact needs labels y, a count num, or latents z")
-        p = _param(flow)
-        z = _prior(_latent_shape(flow.config, batch), p.device, p.dtype, generator)
+    z = _draw_latents(flow, flow.config, y, num, z, generator)
     x = flow.inverse(z, y, guidance=guidance, use_cache=use_cache)
     if tweedie:
         sigma = flow.config.noise_std if noise_std is None else noise_std

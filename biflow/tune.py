@@ -50,7 +50,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from biflow.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, to_dict
+from biflow.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, read_yaml, to_dict
 from biflow.errors import UserError
 
 Log = Callable[[str], None]
@@ -155,15 +155,7 @@ def _read_yaml(source: Any, what: str, relative_to: Path | None) -> dict:
     path = Path(source)
     if not path.is_file() and relative_to is not None and (relative_to / path).is_file():
         path = relative_to / path
-    if not path.is_file():
-        raise ConfigError(f"{what}={str(source)!r}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what}={str(source)!r}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}={str(source)!r}: top level must be a mapping")
-    return data
+    return read_yaml(path, what)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
