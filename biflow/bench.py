@@ -647,7 +647,7 @@ def _memory_run(flow: dict, batch: int, workers: int, stages: tuple[int, ...]) -
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from biflow.train.launch import WORKER_ENV
+    from biflow.train.launch import worker_env
 
     tmp = tempfile.mkdtemp(prefix="biflow-bench-mem-")
     exps = {str(s): _bench_experiment(flow, batch, 2, 1, "deepspeed", s, workers, tmp) for s in stages}
@@ -655,7 +655,7 @@ def _memory_run(flow: dict, batch: int, workers: int, stages: tuple[int, ...]) -
         _memory_worker, train_loop_config={"experiments": exps},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="bench-train-memory", storage_path=tmp,
-                             worker_runtime_env={"env_vars": {**WORKER_ENV, "DS_ACCELERATOR": "cpu"}}),
+                             worker_runtime_env={"env_vars": {**worker_env(), "DS_ACCELERATOR": "cpu"}}),
         torch_config=TorchConfig(backend="gloo"),
     )
     try:

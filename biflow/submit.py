@@ -24,8 +24,9 @@ from biflow.config import load_config, save_config
 from biflow.errors import UserError
 
 # Passed to the job when set here; credentials are deliberately not in this list:
-# cluster nodes get cloud access from their instance role / service account.
-FORWARDED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")
+# cluster nodes get cloud access from their instance role / service account (through the
+# metadata service, so AWS_EC2_METADATA_DISABLED is not forwarded either).
+FORWARDED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

@@ -531,14 +531,14 @@ def __getattr__(name: str) -> Any:  # pickle finds the searcher class when a sea
 def _init_ray(address: str, cpus_needed: float) -> None:
     import ray
 
-    from biflow.train.launch import WORKER_ENV
+    from biflow.train.launch import worker_env
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    runtime_env = {"env_vars": worker_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2)  # +2: Ray Data readers beside the workers
     # address="local": a new instance even when another `ray start` runs on this machine.

@@ -158,6 +158,7 @@ def _check_results(r: dict, out_dir, workers: int = 2) -> None:
         assert r["mfu"]["mfu"] is None and "no CUDA" in r["mfu"]["reason"]
 
 
+@pytest.mark.slow  # ~2 min: 3 Ray Train runs and 6 subprocesses; the figures come from `biflow bench train`
 def test_bench_train_tiny_writes_json_with_ratios_from_measurements(ray_local, tmp_path):
     r = bench_train(tmp_path, preset="tiny", window=1, windows=2, log=lambda s: None)
     _check_results(r, tmp_path)

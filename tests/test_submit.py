@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+    # RAY_ADDRESS (set by this process's own local Ray) would point the head's agent elsewhere
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs run `python` from this venv
     # own process group, so the whole head (gcs, raylet, dashboard) is stopped without `ray stop`,
     # which would stop every Ray instance on the machine
@@ -46,7 +47,7 @@ def ray_head(tmp_path_factory):
 
 
 def run_cli(args, env_extra, timeout=420):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env.update(env_extra)
     env["RAY_AUTH_TOKEN_PATH"] = "/nonexistent/biflow-test-token"  # only the env token counts here
     return subprocess.run([str(BIN / "biflow"), *args], env=env, capture_output=True, text=True, timeout=timeout,
@@ -67,7 +68,7 @@ def test_submit_rejects_bad_config_before_contacting_cluster(ray_head):
     assert out.returncode == 2 and "unknown key 'train.stepz'" in out.stderr
 
 
-def test_submitted_training_job_finishes(ray_head, tmp_path, fashion_mnist_dir):
+def test_submitted_training_job_finishes(ray_local, ray_head, tmp_path, fashion_mnist_dir):
     from biflow.data.shards import prepare_data
 
     address, token = ray_head

@@ -489,8 +489,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        kwargs = {} if address else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
-        ray.init(runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}}, log_to_driver=False, **kwargs)
+        if address:  # a cluster (or a submitted job) keeps its own runtime env
+            ray.init(address=address, log_to_driver=False)
+        else:
+            env = {k: os.environ[k] for k in ("AWS_EC2_METADATA_DISABLED",) if k in os.environ}
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env})
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 

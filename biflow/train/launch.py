@@ -17,12 +17,21 @@ from biflow.train import checkpoint as ckpt_io
 from biflow.train.loop import RunInfo, train_loop
 
 WORKER_ENV = {
-    "AWS_EC2_METADATA_DISABLED": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Train tees print() to stdout and to its logger, so every progress line showed twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+
+
+# Copied from the driver when set there. AWS_EC2_METADATA_DISABLED is never forced on:
+# on cloud nodes the instance role (through the metadata service) supplies S3 credentials.
+PASSTHROUGH_ENV = ("AWS_EC2_METADATA_DISABLED", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: fixed settings plus the driver's pass-through values."""
+    return {**WORKER_ENV, **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}}
 
 
 class TrainingFailed(UserError):
@@ -108,9 +117,11 @@ def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
     if ray.is_initialized():
         return
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    runtime_env = {"env_vars": worker_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # A cluster (or a submitted job, whose runtime env Ray refuses to merge with a second
+        # one) keeps its own environment; the trainer passes worker_env() to its workers.
+        ray.init(address=address, log_to_driver=True)
         return
     # Ray Data needs CPU slots beside the training workers, or reading stalls.
     cpus = max(os.cpu_count() or 1, int(cfg.ray.workers * cfg.ray.cpus_per_worker) + 2)
@@ -148,7 +159,7 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
         data_stats_actor(stats)
         datasets = {"train": build_dataset(cfg.data, cfg.data.split, cfg.flow.image_size, cfg.flow.channels,
                                            train=True, seed=cfg.train.seed, stats=stats)}
-    env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    env = {**worker_env(), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
         name=run.name,
