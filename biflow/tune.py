@@ -529,28 +529,9 @@ def __getattr__(name: str) -> Any:  # pickle finds the searcher class when a sea
 
 
 def _init_ray(address: str, cpus_needed: float) -> None:
-    import ray
+    from biflow.train.launch import init_ray
 
-    from biflow.train.launch import worker_env
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": worker_env()}
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2)  # +2: Ray Data readers beside the workers
-    # address="local": a new instance even when another `ray start` runs on this machine.
-    # The dashboard serves the state API, which Ray Train's placement-group cleaner needs to
-    # free the workers' CPUs when ASHA stops a trial mid-run (without it they leak).
-    import socket
-
-    with socket.socket() as sock:  # a free port: 8265 may belong to another local Ray
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(address="local", num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, log_to_driver=True)
+    init_ray(address, cpus_needed=cpus_needed)
 
 
 def release_orphaned_placement_groups() -> int:

@@ -8,6 +8,7 @@ run keeps the world size its ZeRO state was written with.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -110,13 +111,16 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {rule}")
 
 
-def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
-    """Connect to a cluster (``--address`` / RAY_ADDRESS) or start a small local instance."""
+def init_ray(address: str | None, cfg: ExperimentConfig | None = None, cpus_needed: float | None = None) -> None:
+    """Connect to a cluster (``--address`` / RAY_ADDRESS) or start a small local instance
+    with room for ``cpus_needed`` (default: the config's workers) plus Ray Data readers."""
+    import socket
+
     import ray
 
     if ray.is_initialized():
         return
-    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = address or (cfg.ray.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": worker_env()}
     if address:
         # A cluster (or a submitted job, whose runtime env Ray refuses to merge with a second
@@ -124,9 +128,16 @@ def init_ray(address: str | None, cfg: ExperimentConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # Ray Data needs CPU slots beside the training workers, or reading stalls.
-    cpus = max(os.cpu_count() or 1, int(cfg.ray.workers * cfg.ray.cpus_per_worker) + 2)
-    ray.init(address="local", num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
-             dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    if cpus_needed is None:
+        cpus_needed = cfg.ray.workers * cfg.ray.cpus_per_worker if cfg else 1
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner uses to free
+    # the CPUs of stopped worker groups. Loopback only, on a free port (8265 may be taken).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(address="local", num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, log_to_driver=True)
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
