@@ -397,11 +397,8 @@ class NanInjector:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function for both stages."""
-    import logging
-
     import ray.train
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress lines
     cfg: ExperimentConfig = load_config(config["experiment"])
     run = RunInfo(**config.get("run", {}))
     hooks = config.get("hooks", {}) or {}
