@@ -284,6 +284,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

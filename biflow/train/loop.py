@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from biflow.config import ExperimentConfig, FlowConfig, from_dict, load_config, to_dict
+from biflow.config import ExperimentConfig, load_config, to_dict
+from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
 from biflow.train.engine import (Engine, ParamEMA, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
                                  world_size)
@@ -108,15 +109,16 @@ class ReverseStage(ForwardStage):
 
     def __init__(self, cfg: ExperimentConfig, run: RunInfo, device: torch.device):
         super().__init__(cfg, run, device)
-        from biflow.models import TARFlow
+        from biflow.evaluate import load_checkpoint
 
-        ref = ckpt_io.find_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region)
-        meta = ref.metadata()
-        flow_cfg = from_dict(FlowConfig, meta["config"]["flow"], "flow")
-        self.flow = TARFlow(flow_cfg)
-        self.flow.load_state_dict(ref.ema_state())
-        self.flow.to(device).eval().requires_grad_(False)
-        self.flow_cfg = flow_cfg
+        loaded = load_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region, device,
+                                 key="train.forward_checkpoint")
+        if loaded.stage != "forward":
+            raise UserError(f"train.forward_checkpoint={run.forward_checkpoint!r} is a {loaded.stage} checkpoint "
+                            f"({loaded.uri}); give a stage-1 (forward) run")
+        self.flow = loaded.model.requires_grad_(False)
+        self.flow_cfg = flow_cfg = loaded.config.flow
+        cfg.flow = flow_cfg  # checkpoints record the flow G was trained against, not the job's flow defaults
         self.feature_net = None
         if cfg.reverse.perceptual_weight > 0:
             from biflow.perceptual import build_feature_net
@@ -314,6 +316,9 @@ def newest_checkpoint(checkpoint: Any, run: RunInfo) -> tuple[Any, str]:
     if checkpoint is not None:
         m = ckpt_io.CHECKPOINT_RE.match(Path(str(checkpoint.path)).name)
         ray_step = int(m.group(1)) if m else -1
+        if not ckpt_io.is_committed(checkpoint.filesystem, str(checkpoint.path)):
+            ray_step = -1  # registered by Ray but never committed (e.g. killed mid-upload): not a checkpoint
+            checkpoint = None
     ours = ckpt_io.latest_checkpoint(run.uri, run.endpoint, run.region)
     if ours is not None and ours.step > ray_step:
         return ray.train.Checkpoint(path=ours.path, filesystem=ours.fs), (

@@ -1,0 +1,190 @@
+"""Recipes: dataset -> forward flow -> reverse model -> evaluation, in one YAML.
+
+A recipe names two job YAMLs (stage 1 and stage 2, with ``--set``-style
+overrides), the dataset to shard, the evaluation to run and, optionally, the
+goals the results must meet. ``biflow quickstart`` runs ``jobs/quickstart.yaml``;
+the Fashion-MNIST quality run is ``biflow recipe jobs/eval/fashion-mnist.yaml``.
+
+Every step is idempotent: rerunning resumes training from the latest
+checkpoints and reuses the shards. Results go to ``OUT/eval/results.json``
+with the goals checked (``goals`` section) and the wall time of every step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from biflow.config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml
+from biflow.errors import UserError
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+Log = Callable[[str], None]
+
+
+@dataclass
+class DatasetSpec:
+    format: Literal["fashion-mnist", "imagenet", "folder"] = "fashion-mnist"
+    source: str = ""  # "" = the format's default location (Debian's Fashion-MNIST)
+    image_size: int = 0  # 0 = the format's native size
+
+
+@dataclass
+class StageSpec:
+    job: str = ""  # job YAML, relative to the recipe file
+    set: list[str] = field(default_factory=list)  # overrides, as with --set
+
+
+@dataclass
+class EvalSpec:
+    num_samples: int = 500  # samples per sampler and guidance for FID
+    num_eval_images: int = 500  # held-out images for bpd and reconstruction PSNR
+    guidance: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    batch_size: int = 100
+    timing_batch: int = 16
+
+
+@dataclass
+class Goals:
+    fid_ratio_max: float = 0.0  # BiFlow FID / exact-inverse FID at every guidance; 0 = no goal
+    recon_psnr_min_db: float = 0.0  # PSNR of G(F(x)) vs x; 0 = no goal
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    description: str = ""
+    workers: int = 2  # Ray Train workers per stage
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    forward: StageSpec = field(default_factory=StageSpec)
+    reverse: StageSpec = field(default_factory=StageSpec)
+    evaluate: EvalSpec = field(default_factory=EvalSpec)
+    goals: Goals = field(default_factory=Goals)
+    path: str = ""  # where it was loaded from (set by load_recipe)
+
+    def stage_config(self, stage: str, out: Path, workers: int, overrides: list[str]) -> ExperimentConfig:
+        """The job config of ``stage`` with the recipe's and the caller's overrides,
+        reading and writing under ``out``; run names derive from the recipe's name."""
+        spec: StageSpec = getattr(self, stage)
+        job = Path(self.path).parent / spec.job if self.path else Path(spec.job)
+        fixed = [f"name={self.name}-{stage}", f"stage={stage}", f"data.uri={out / 'data'}",
+                 f"ray.storage={out / 'runs'}", f"ray.workers={workers}"]
+        if stage == "reverse":
+            fixed.append(f"train.forward_checkpoint={self.name}-forward")
+        cfg = load_config(job, [*spec.set, *fixed, *overrides])
+        if stage == "reverse":  # the flow G inverts is stage 1's (training reads it from its checkpoint)
+            cfg.flow = self.stage_config("forward", out, workers, overrides).flow
+        return cfg
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe YAML, strictly checked; its job files must exist."""
+    data = read_yaml(path, "recipe")
+    recipe: Recipe = from_dict(Recipe, {**data, "path": str(Path(path).resolve())})
+    for stage in ("forward", "reverse"):
+        spec = getattr(recipe, stage)
+        if not spec.job:
+            raise ConfigError(f"recipe {path}: {stage}.job is empty (a job YAML such as ../quickstart-forward.yaml)")
+        job = Path(recipe.path).parent / spec.job
+        if not job.is_file():
+            raise ConfigError(f"recipe {path}: {stage}.job={spec.job!r} not found (looked for {job})")
+    if recipe.workers < 1:
+        raise ConfigError(f"recipe {path}: workers must be >= 1, got {recipe.workers}")
+    return recipe
+
+
+def builtin_recipe(name: str) -> Recipe:
+    """``jobs/<name>.yaml`` from the repository (e.g. ``quickstart``, ``eval/fashion-mnist``)."""
+    path = JOBS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found: run from a clone of the biflow repository")
+    return load_recipe(path)
+
+
+def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | None = None,
+               overrides: list[str] | None = None, evaluate_opts: dict[str, Any] | None = None,
+               log: Log = print) -> dict[str, Any]:
+    """Shards, stage 1, stage 2, evaluation; returns (and writes) the results."""
+    from biflow.data.shards import prepare_data
+    from biflow.evaluate import EvalOptions, evaluate
+    from biflow.train.launch import fit, init_ray
+
+    t0 = time.time()
+    out = Path(out or f"runs/{recipe.name}").resolve()
+    workers = workers or recipe.workers
+    overrides = list(overrides or [])
+    fwd_cfg = recipe.stage_config("forward", out, workers, overrides)
+    rev_cfg = recipe.stage_config("reverse", out, workers, overrides)  # checked before anything runs
+    ev = {**recipe.evaluate.__dict__, **(evaluate_opts or {})}
+    init_ray(None, fwd_cfg)  # one local Ray sized for the trainers plus Ray Data, shared by every step
+    timings: dict[str, float] = {}
+
+    ds = recipe.dataset
+    log(f"[1/4] {ds.format} -> parquet shards in {fwd_cfg.data.uri}")
+    t = time.time()
+    prepare_data(ds.source, fwd_cfg.data.uri, ds.format, image_size=ds.image_size)
+    timings["data_s"] = time.time() - t
+
+    log(f"[2/4] stage 1: forward flow (TARFlow) {fwd_cfg.name}, {workers} Ray Train workers")
+    t = time.time()
+    fit(fwd_cfg)
+    timings["forward_s"] = time.time() - t
+
+    log(f"[3/4] stage 2: reverse model (BiFlow) {rev_cfg.name} from the stage-1 checkpoint")
+    t = time.time()
+    fit(rev_cfg)
+    timings["reverse_s"] = time.time() - t
+
+    log("[4/4] evaluation: samples, FID, bits/dim, reconstruction, speed")
+    t = time.time()
+    opts = EvalOptions(num_samples=ev["num_samples"], num_eval_images=ev["num_eval_images"],
+                       guidance=list(ev["guidance"]), batch_size=ev["batch_size"], timing_batch=ev["timing_batch"])
+    results = evaluate(rev_cfg.name, out / "eval", opts, storage=rev_cfg.ray.storage, log=log)
+    timings["eval_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    results["recipe"] = {"name": recipe.name, "path": recipe.path, "workers": workers, "overrides": overrides,
+                         "forward_steps": fwd_cfg.train.steps, "reverse_steps": rev_cfg.train.steps}
+    results["timings"] = timings
+    results["goals"] = check_goals(results, recipe.goals)
+    (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+    log(summary_table(results, rev_cfg.ray.storage, recipe))
+    return results
+
+
+def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:
+    """Each goal with its measured value and whether it is met."""
+    checked: dict[str, Any] = {}
+    if goals.fid_ratio_max > 0:
+        for key, r in results["samplers"].items():
+            if "fid_ratio_vs_exact" in r:
+                checked[f"fid_ratio@w={r['guidance']:g}"] = {
+                    "value": r["fid_ratio_vs_exact"], "max": goals.fid_ratio_max,
+                    "met": r["fid_ratio_vs_exact"] <= goals.fid_ratio_max}
+    if goals.recon_psnr_min_db > 0 and results.get("recon_psnr_db") is not None:
+        checked["recon_psnr_db"] = {"value": results["recon_psnr_db"], "min": goals.recon_psnr_min_db,
+                                    "met": results["recon_psnr_db"] >= goals.recon_psnr_min_db}
+    return checked
+
+
+def summary_table(results: dict[str, Any], storage: str, recipe: Recipe | None = None) -> str:
+    title = recipe.description if recipe and recipe.description else "biflow results"
+    rows = [f"{'sampler':<22}{'FID':>9}{'ms/img':>10}"]
+    for key, r in results["samplers"].items():
+        rows.append(f"{key:<22}{r['fid']:>9.2f}{r['ms_per_image']:>10.2f}")
+    t = results.get("timings", {})
+    lines = ["", f"{title} ({results['num_samples']} samples for FID)", "-" * 41, *rows, "-" * 41,
+             f"bits/dim (test, sigma={results['noise_std']:g})   {results['bpd']:.3f}"]
+    if results.get("recon_psnr_db") is not None:
+        lines.append(f"reconstruction PSNR G(F(x))  {results['recon_psnr_db']:.2f} dB")
+    for name, g in (results.get("goals") or {}).items():
+        bound = f"<= {g['max']:g}" if "max" in g else f">= {g['min']:g}"
+        lines.append(f"goal {name:<22} {g['value']:.3f} {bound}: {'met' if g['met'] else 'NOT met'}")
+    if t:
+        lines.append(f"wall time {t['total_s'] / 60:.1f} min (data {t['data_s']:.0f}s, forward {t['forward_s']:.0f}s, "
+                     f"reverse {t['reverse_s']:.0f}s, eval {t['eval_s']:.0f}s)")
+    grids = [r["grid"] for r in results["samplers"].values()]
+    lines += [f"sample grids: {', '.join(grids)}", f"TensorBoard:  tensorboard --logdir {storage}"]
+    return "\n".join(lines)

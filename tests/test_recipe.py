@@ -1,0 +1,71 @@
+"""Recipes (jobs/eval/*.yaml): strict loading, per-stage configs, goal checks."""
+
+from pathlib import Path
+
+import pytest
+
+from biflow.config import ConfigError
+from biflow.recipe import Goals, check_goals, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "jobs" / "eval").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.stem for p in RECIPES} >= {"quickstart", "fashion-mnist"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_builds_both_stage_configs(path, tmp_path):
+    recipe = load_recipe(path)
+    fwd = recipe.stage_config("forward", tmp_path, 2, ["train.log_every=7"])
+    rev = recipe.stage_config("reverse", tmp_path, 2, [])
+    assert (fwd.stage, rev.stage) == ("forward", "reverse")
+    assert fwd.name == f"{recipe.name}-forward" and rev.name == f"{recipe.name}-reverse"
+    assert rev.train.forward_checkpoint == fwd.name
+    assert fwd.data.uri == rev.data.uri == str(tmp_path / "data")
+    assert fwd.ray.storage == str(tmp_path / "runs") and fwd.ray.workers == 2
+    assert fwd.train.log_every == 7
+    # the reverse stage trains on the forward stage's flow
+    assert rev.flow == fwd.flow
+
+
+def test_quality_recipe_has_the_issue_goals():
+    recipe = load_recipe(ROOT / "jobs" / "eval" / "fashion-mnist.yaml")
+    assert recipe.goals.fid_ratio_max == 0.8 and recipe.goals.recon_psnr_min_db == 30.0
+
+
+def test_caller_overrides_win_over_the_recipe(tmp_path):
+    recipe = load_recipe(ROOT / "jobs" / "eval" / "fashion-mnist.yaml")
+    cfg = recipe.stage_config("reverse", tmp_path, 1, ["train.steps=5"])
+    assert cfg.train.steps == 5 and cfg.ray.workers == 1
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_bad_recipes_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'evaluate.samples'"):
+        load_recipe(_write(tmp_path, "name: x\nevaluate: {samples: 3}\n"))
+    with pytest.raises(ConfigError, match=r"forward.job='nope.yaml' not found"):
+        load_recipe(_write(tmp_path, "name: x\nforward: {job: nope.yaml}\nreverse: {job: nope.yaml}\n"))
+    with pytest.raises(ConfigError, match="forward.job is empty"):
+        load_recipe(_write(tmp_path, "name: x\n"))
+    with pytest.raises(ConfigError, match=r"evaluate.guidance\[1\]: expected a number"):
+        load_recipe(_write(tmp_path, "evaluate: {guidance: [0, high]}\n"))
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_goals_are_checked_per_guidance():
+    results = {"recon_psnr_db": 29.0, "samplers": {
+        "biflow@w=0": {"guidance": 0.0, "fid_ratio_vs_exact": 0.7},
+        "exact@w=0": {"guidance": 0.0},
+        "biflow@w=1": {"guidance": 1.0, "fid_ratio_vs_exact": 0.85}}}
+    goals = check_goals(results, Goals(fid_ratio_max=0.8, recon_psnr_min_db=30.0))
+    assert goals["fid_ratio@w=0"]["met"] and not goals["fid_ratio@w=1"]["met"]
+    assert goals["recon_psnr_db"] == {"value": 29.0, "min": 30.0, "met": False}
+    assert check_goals(results, Goals()) == {}
