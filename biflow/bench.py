@@ -388,7 +388,8 @@ def _plain_loop(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_all
     Ray, DeepSpeed or collectives. Returns samples/s of each timed window."""
     from biflow.losses import forward_loss
     from biflow.models import TARFlow
-    from biflow.train.engine import ParamEMA, build_optimizer, warmup_cosine
+    from biflow.ema import EMA
+    from biflow.train.engine import build_optimizer, warmup_cosine
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -397,7 +398,7 @@ def _plain_loop(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_all
         model = TARFlow(flow_cfg)
         opt = build_optimizer(model, optim_cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim_cfg, window * (windows + 1)))
-        ema = ParamEMA(model, optim_cfg.ema_decay)
+        ema = EMA(model, optim_cfg.ema_decay)
         gen = torch.Generator().manual_seed(seed)
         x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
         rates = []

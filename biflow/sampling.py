@@ -1,4 +1,6 @@
-"""Sampling: BiFlow 1-NFE, the exact TARFlow inverse (+ Tweedie), inpainting, EMA.
+"""Sampling: BiFlow 1-NFE, the exact TARFlow inverse (+ Tweedie), inpainting.
+
+The EMA of weights used for sampling is :class:`biflow.ema.EMA`.
 
 The exact inverse is the baseline users would otherwise run, so it is a fair
 one: batched, KV-cached, conditional and unconditional streams batched
@@ -7,7 +9,6 @@ together under guidance, and no work beyond one Tweedie gradient.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import Tensor, nn
@@ -73,41 +74,3 @@ def inpaint(flow: nn.Module, rev: nn.Module, x: Tensor, mask: Tensor, y: Tensor 
     z = mask * z_known + (1 - mask) * _prior(x.shape, x.device, x.dtype, generator)
     x_hat = rev(z, y, guidance=guidance).x
     return mask * x + (1 - mask) * x_hat
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, decay: float | None = None) -> None:
-        d = self.decay if decay is None else decay
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                s.copy_(v)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise KeyError(f"EMA state is missing {sorted(missing)[:5]}")
-        self.shadow = {k: state[k].detach().clone().float() for k in self.shadow}
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        own = model.state_dict()
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
-
-    def model_copy(self, model: nn.Module) -> nn.Module:
-        """A detached copy of ``model`` carrying the EMA weights (for evaluation)."""
-        clone = copy.deepcopy(model)
-        self.copy_to(clone)
-        return clone.eval()

@@ -7,7 +7,8 @@ from biflow.config import FlowConfig, ReverseConfig
 from biflow.losses import bits_per_dim, cfg_combine, forward_loss, nll_per_dim, reverse_loss
 from biflow.models import ReverseModel, TARFlow
 from biflow.models.layers import patchify, unpatchify
-from biflow.sampling import EMA, inpaint, sample_biflow, sample_exact, tweedie_denoise
+from biflow.ema import EMA
+from biflow.sampling import inpaint, sample_biflow, sample_exact, tweedie_denoise
 
 TINY = dict(image_size=8, channels=2, patch_size=2, width=32, depth=2, num_blocks=4, num_heads=4, num_classes=5)
 
@@ -226,10 +227,11 @@ def test_ema_tracks_and_copies():
     w0 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
-    assert torch.allclose(ema.shadow["weight"], w0 + 0.5)
-    copy = ema.model_copy(model)
-    assert torch.allclose(copy.weight, w0 + 0.5)
+    ema.update()  # first update: decay ramps to min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.full_state_dict()["weight"], w0 + 0.9)
+    copy = ema.model_copy()
+    assert torch.allclose(copy.weight, w0 + 0.9) and not copy.training
+    assert torch.allclose(model.weight, w0 + 1.0)  # the live model is untouched
 
 
 @pytest.mark.parametrize("size,target_flow,target_rev", [("B/2", 120e6, 133e6)])

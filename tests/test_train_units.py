@@ -14,7 +14,8 @@ from biflow.config import ConfigError, load_config
 from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
 from biflow.train import launch
-from biflow.train.engine import DDPEngine, ParamEMA, deepspeed_config, warmup_cosine
+from biflow.ema import EMA
+from biflow.train.engine import DDPEngine, deepspeed_config, warmup_cosine
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -48,14 +49,14 @@ def test_warmup_cosine_schedule():
 
 def test_param_ema_tracks_weights():
     net = torch.nn.Linear(3, 2)
-    ema = ParamEMA(net, decay=0.5)
+    ema = EMA(net, decay=0.5)
     with torch.no_grad():
         net.weight.fill_(1.0)
     for _ in range(30):
         ema.update()
     state = ema.full_state_dict()
     assert torch.allclose(state["weight"], torch.ones(2, 3), atol=1e-6)
-    ema2 = ParamEMA(torch.nn.Linear(3, 2), decay=0.5)
+    ema2 = EMA(torch.nn.Linear(3, 2), decay=0.5)
     ema2.load_full_state_dict(state)
     assert torch.equal(ema2.full_state_dict()["weight"], state["weight"])
 

@@ -12,10 +12,8 @@ schedule and the same clipping, so they can be compared step for step
 (``biflow bench train``). Ray appears nowhere here: the process group is the
 one Ray Train created.
 
-:class:`ParamEMA` keeps an fp32 exponential moving average of the weights.
-Under ZeRO-3 each rank averages only its own parameter partition and the full
-weights are all-gathered when saved, so the EMA costs 1/world of the model per
-rank, like the parameters themselves.
+The EMA of the weights lives in :mod:`biflow.ema` (ZeRO-3 aware: each rank
+averages its own partition, so it costs 1/world of the model per rank).
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from biflow.config import ExperimentConfig, OptimConfig
+from biflow.ema import _dist_on, rank, world_size  # noqa: F401 (re-exported for the loop)
 
 DS_TAG = "deepspeed"
 DDP_STATE = "ddp_state.pt"
@@ -117,18 +116,6 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> 
 # ---------------------------------------------------------------------------
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (all ranks agree)."""
     if not _dist_on():
@@ -147,89 +134,6 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
-
-
-# ---------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------
-
-
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
-
-
-class ParamEMA:
-    """fp32 EMA of a module's parameters, ZeRO-3 aware.
-
-    Under ZeRO-3 (parameters carry ``ds_tensor``) the average is kept per rank
-    over the local partition only; :meth:`full_state_dict` all-gathers it
-    (a collective: call it on every rank). Buffers are not averaged; they are
-    copied from the live module when the state is taken.
-
-    The effective decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so short
-    runs still get a useful average.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.module = module
-        self.decay = decay
-        self.num_updates = 0
-        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.sharded = any(_is_zero3_param(p) for _, p in self.params)
-        self.shadow = [self._local(p).detach().float().clone() for _, p in self.params]
-
-    def _local(self, p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor.view(-1) if self.sharded else p.data
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        self.num_updates += 1
-        live = [self._local(p).float() for _, p in self.params]
-        torch._foreach_mul_(self.shadow, d)
-        torch._foreach_add_(self.shadow, live, alpha=1.0 - d)
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA weights (+ buffers) on CPU, on every rank."""
-        out: dict[str, torch.Tensor] = {}
-        if self.sharded:
-            flat = torch.cat(self.shadow)
-            parts = [torch.empty_like(flat) for _ in range(world_size())]
-            if world_size() > 1:
-                dist.all_gather(parts, flat)
-            else:
-                parts = [flat]
-            offset = 0
-            for (name, p), shard in zip(self.params, self.shadow):
-                n = shard.numel()
-                full = torch.cat([part[offset : offset + n] for part in parts])[: p.ds_numel]
-                out[name] = full.view(p.ds_shape).cpu().clone()
-                offset += n
-        else:
-            for (name, _), s in zip(self.params, self.shadow):
-                out[name] = s.cpu().clone()
-        for name, b in self.module.named_buffers():
-            out[name] = b.detach().cpu().clone()
-        return out
-
-    @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n, _ in self.params if n not in state]
-        if missing:
-            raise KeyError(f"EMA state lacks parameters: {missing[:5]}")
-        for (name, p), shard in zip(self.params, self.shadow):
-            full = state[name].float().flatten().to(shard.device)
-            if self.sharded:
-                n = shard.numel()
-                padded = torch.zeros(n * world_size(), device=shard.device)
-                padded[: full.numel()] = full
-                shard.copy_(padded[rank() * n : (rank() + 1) * n])
-            else:
-                shard.copy_(full.view_as(shard))
-
-    def state(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates, "decay": self.decay}
 
 
 # ---------------------------------------------------------------------------

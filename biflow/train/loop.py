@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from biflow.config import ExperimentConfig, load_config, to_dict
+from biflow.ema import EMA
 from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
-from biflow.train.engine import (Engine, ParamEMA, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
+from biflow.train.engine import (Engine, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
                                  world_size)
 
 
@@ -267,7 +268,7 @@ def _batches(cfg: ExperimentConfig, state: TrainState) -> Iterator[tuple[int, in
 # ---------------------------------------------------------------------------
 
 
-def save_checkpoint(engine: Engine, ema: ParamEMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
+def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
                     metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None,
                     kill: Any = None) -> None:
     """Collective: every rank saves engine state to a local dir and reports it."""
@@ -326,7 +327,7 @@ def newest_checkpoint(checkpoint: Any, run: RunInfo) -> tuple[Any, str]:
     return checkpoint, f"checkpoint {ray_step}"
 
 
-def restore(engine: Engine, ema: ParamEMA, checkpoint: Any) -> TrainState:
+def restore(engine: Engine, ema: EMA, checkpoint: Any) -> TrainState:
     """Load engine state, EMA and the train state from the run's latest checkpoint."""
     import json
 
@@ -418,7 +419,7 @@ def train_loop(config: dict[str, Any]) -> None:
     module = stage.build()
     torch.manual_seed(cfg.train.seed + 1000 * (rank() + 1))  # anything random beyond the losses differs per rank
     engine = build_engine(module, cfg, device)
-    ema = ParamEMA(engine.module, cfg.optim.ema_decay)
+    ema = EMA(engine.module, cfg.optim.ema_decay)
     is_rank0 = rank() == 0
     say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
 
