@@ -69,3 +69,15 @@ def test_goals_are_checked_per_guidance():
     assert goals["fid_ratio@w=0"]["met"] and not goals["fid_ratio@w=1"]["met"]
     assert goals["recon_psnr_db"] == {"value": 29.0, "min": 30.0, "met": False}
     assert check_goals(results, Goals()) == {}
+
+
+def test_cli_rejects_a_bad_recipe_before_anything_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+
+    bad = _write(tmp_path, f"name: x\nforward: {{job: {ROOT / 'jobs' / 'quickstart-forward.yaml'}}}\n"
+                           "reverse: {job: missing.yaml}\n")
+    result = CliRunner().invoke(app, ["recipe", str(bad)])
+    assert result.exit_code == 2
+    assert "reverse.job='missing.yaml' not found" in result.output
