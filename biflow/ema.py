@@ -16,16 +16,16 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _dist_on() -> bool:
+def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
+    return dist.get_rank() if dist_on() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
+    return dist.get_world_size() if dist_on() else 1
 
 
 def _is_zero3_param(p: torch.Tensor) -> bool:

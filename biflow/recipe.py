@@ -2,7 +2,7 @@
 
 A recipe names two job YAMLs (stage 1 and stage 2, with ``--set``-style
 overrides), the dataset to shard, the evaluation to run and, optionally, the
-goals the results must meet. ``biflow quickstart`` runs ``jobs/quickstart.yaml``;
+goals the results must meet. ``biflow quickstart`` runs ``jobs/eval/quickstart.yaml``;
 the Fashion-MNIST quality run is ``biflow recipe jobs/eval/fashion-mnist.yaml``.
 
 Every step is idempotent: rerunning resumes training from the latest
@@ -65,19 +65,26 @@ class Recipe:
     goals: Goals = field(default_factory=Goals)
     path: str = ""  # where it was loaded from (set by load_recipe)
 
-    def stage_config(self, stage: str, out: Path, workers: int, overrides: list[str]) -> ExperimentConfig:
-        """The job config of ``stage`` with the recipe's and the caller's overrides,
+    def stage_configs(self, out: Path, workers: int,
+                      overrides: list[str]) -> tuple[ExperimentConfig, ExperimentConfig]:
+        """(forward, reverse) job configs with the recipe's and the caller's overrides,
         reading and writing under ``out``; run names derive from the recipe's name."""
-        spec: StageSpec = getattr(self, stage)
-        job = Path(self.path).parent / spec.job if self.path else Path(spec.job)
-        fixed = [f"name={self.name}-{stage}", f"stage={stage}", f"data.uri={out / 'data'}",
-                 f"ray.storage={out / 'runs'}", f"ray.workers={workers}"]
-        if stage == "reverse":
-            fixed.append(f"train.forward_checkpoint={self.name}-forward")
-        cfg = load_config(job, [*spec.set, *fixed, *overrides])
-        if stage == "reverse":  # the flow G inverts is stage 1's (training reads it from its checkpoint)
-            cfg.flow = self.stage_config("forward", out, workers, overrides).flow
-        return cfg
+        base = Path(self.path).parent if self.path else Path()
+        configs = []
+        for stage in ("forward", "reverse"):
+            spec: StageSpec = getattr(self, stage)
+            fixed = [f"name={self.name}-{stage}", f"stage={stage}", f"data.uri={out / 'data'}",
+                     f"ray.storage={out / 'runs'}", f"ray.workers={workers}"]
+            if stage == "reverse":
+                fixed.append(f"train.forward_checkpoint={self.name}-forward")
+            configs.append(load_config(base / spec.job, [*spec.set, *fixed, *overrides]))
+        fwd, rev = configs
+        rev.flow = fwd.flow  # the flow G inverts is stage 1's (training reads it from its checkpoint)
+        return fwd, rev
+
+    def stage_config(self, stage: str, out: Path, workers: int, overrides: list[str]) -> ExperimentConfig:
+        """The job config of one stage (see :meth:`stage_configs`)."""
+        return self.stage_configs(out, workers, overrides)[("forward", "reverse").index(stage)]
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -116,8 +123,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     out = Path(out or f"runs/{recipe.name}").resolve()
     workers = workers or recipe.workers
     overrides = list(overrides or [])
-    fwd_cfg = recipe.stage_config("forward", out, workers, overrides)
-    rev_cfg = recipe.stage_config("reverse", out, workers, overrides)  # checked before anything runs
+    fwd_cfg, rev_cfg = recipe.stage_configs(out, workers, overrides)  # both checked before anything runs
     ev = {**recipe.evaluate.__dict__, **(evaluate_opts or {})}
     init_ray(None, fwd_cfg)  # one local Ray sized for the trainers plus Ray Data, shared by every step
     timings: dict[str, float] = {}
@@ -158,7 +164,7 @@ def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:
     """Each goal with its measured value and whether it is met."""
     checked: dict[str, Any] = {}
     if goals.fid_ratio_max > 0:
-        for key, r in results["samplers"].items():
+        for r in results["samplers"].values():
             if "fid_ratio_vs_exact" in r:
                 checked[f"fid_ratio@w={r['guidance']:g}"] = {
                     "value": r["fid_ratio_vs_exact"], "max": goals.fid_ratio_max,

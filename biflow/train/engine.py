@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from biflow.config import ExperimentConfig, OptimConfig
-from biflow.ema import _dist_on, rank, world_size  # noqa: F401 (re-exported for the loop)
+from biflow.ema import dist_on, rank, world_size  # noqa: F401 (rank, world_size: used by the loop too)
 
 DS_TAG = "deepspeed"
 DDP_STATE = "ddp_state.pt"
@@ -118,7 +118,7 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (all ranks agree)."""
-    if not _dist_on():
+    if not dist_on():
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -127,7 +127,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (one all-reduce for all of them)."""
-    if not _dist_on() or not values:
+    if not dist_on() or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
