@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,60 +18,12 @@ import torch
 
 from biflow.config import FlowConfig, ReverseConfig
 from biflow.errors import UserError
+from biflow.timing import machine_info, timeit, write_results  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------
 # Shared helpers (used by every `biflow bench ...`)
 # ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "device_name": _cpu_name(),
-    }
-    if torch.cuda.is_available():
-        info.update(device="cuda", device_name=torch.cuda.get_device_name(0))
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def timeit(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``reps`` runs, after ``warmup`` runs."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def write_results(out_dir: str | Path, name: str, results: dict) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine_info(),
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}, indent=2))
-    return path
 
 
 def bar_chart(path: str | Path, labels: list[str], values: list[float], ylabel: str, title: str,
@@ -422,7 +373,6 @@ def _plain_loop(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_all
 
 def _plain_loop_main() -> None:
     """``python -c`` entry of :func:`_plain_loop_subprocess`: JSON args on stdin, JSON result on stdout."""
-    import json
     import sys
 
     from biflow.config import OptimConfig, from_dict
@@ -445,7 +395,6 @@ def _plain_loop_subprocess(flow: FlowConfig, optim, global_batch: int, images: i
     region made a 2-thread loop 20-40x slower than a 1-thread one (measured),
     which would flatter any comparison against it."""
     import dataclasses
-    import json
     import subprocess
     import sys
 
@@ -598,7 +547,6 @@ def _memory_worker(config: dict) -> None:
     """Ray Train worker: build each DeepSpeed engine on the same model, take two
     steps (AdamW states exist after the first), measure after the second backward."""
     import gc
-    import json
     import tempfile
 
     import ray.train
@@ -641,7 +589,6 @@ def _memory_worker(config: dict) -> None:
 
 
 def _memory_run(flow: dict, batch: int, workers: int, stages: tuple[int, ...]) -> dict:
-    import json
     import shutil
     import tempfile
 

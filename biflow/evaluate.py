@@ -21,59 +21,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from biflow.config import ExperimentConfig, load_config
 from biflow.errors import UserError
+from biflow.train.checkpoint import Loaded, load_checkpoint, load_pair  # noqa: F401 (loading lives with the format)
 
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------
-# Loading trained models
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    config: ExperimentConfig
-    stage: str
-    step: int
-    uri: str
-
-
-def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str = "",
-                    device: str | torch.device = "cpu", key: str = "CHECKPOINT") -> Loaded:
-    """The EMA model of a checkpoint (run name, run dir or checkpoint dir/URI)."""
-    from biflow.models import ReverseModel, TARFlow
-    from biflow.train.checkpoint import find_checkpoint
-
-    ckpt = find_checkpoint(ref, storage, endpoint, region, key=key)
-    meta = ckpt.metadata()
-    cfg = load_config(meta["config"])
-    stage = meta.get("stage", cfg.stage)
-    model = TARFlow(cfg.flow) if stage == "forward" else ReverseModel(cfg.reverse, cfg.flow)
-    missing, unexpected = model.load_state_dict(_clean_state(ckpt.ema_state()), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{key}={ref!r}: weights do not match the {stage} model of its config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return Loaded(model.to(device).eval(), cfg, stage, ckpt.step, ckpt.uri)
-
-
-def load_pair(checkpoint: str, forward: str = "", storage: str = "", endpoint: str = "", region: str = "",
-              device: str | torch.device = "cpu") -> tuple[Loaded, Loaded | None]:
-    """(forward flow, reverse model or None) from a reverse or forward checkpoint."""
-    first = load_checkpoint(checkpoint, storage, endpoint, region, device)
-    if first.stage == "forward":
-        return first, None
-    ref = forward or first.config.train.forward_checkpoint
-    store = storage or first.config.ray.storage
-    flow = load_checkpoint(ref, store, endpoint or first.config.ray.storage_endpoint, region, device,
-                           key="--forward (or the reverse run's train.forward_checkpoint)")
-    return flow, first
 
 
 # ---------------------------------------------------------------------------
@@ -110,7 +61,7 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
 
 def time_sampler(flow, rev, sampler: str, guidance: float, batch_size: int, reps: int = 2) -> float:
     """ms per image at ``batch_size`` (median of reps after one warm-up)."""
-    from biflow.bench import timeit
+    from biflow.timing import timeit
 
     return 1000 * timeit(lambda: generate(flow, rev, sampler, batch_size, guidance, batch_size, 0,
                                           next(flow.parameters()).device), reps) / batch_size
@@ -247,7 +198,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
             results["samplers"][f"biflow@w={w:g}"]["fid_ratio_vs_exact"] = b["fid"] / max(e["fid"], 1e-9)
     save_grid(held_x[: opts.grid], out / "data.png", nrow=int(math.sqrt(opts.grid)))
     results["seconds"] = time.time() - t_start
-    from biflow.bench import machine_info
+    from biflow.timing import machine_info
 
     results["machine"] = machine_info()
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from biflow.config import ExperimentConfig
 from biflow.data import storage
 from biflow.errors import UserError
 
@@ -230,3 +231,52 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     return load_file(str(path)), json.loads(header.get("config", "{}"))
+
+
+# ---------------------------------------------------------------------------
+# Loading trained models (EMA weights) from a checkpoint
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    config: ExperimentConfig
+    stage: str
+    step: int
+    uri: str
+
+
+def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str = "",
+                    device: str | torch.device = "cpu", key: str = "CHECKPOINT") -> Loaded:
+    """The EMA model of a checkpoint (run name, run dir or checkpoint dir/URI)."""
+    from biflow.config import load_config
+    from biflow.models import ReverseModel, TARFlow
+
+    ckpt = find_checkpoint(ref, storage, endpoint, region, key=key)
+    meta = ckpt.metadata()
+    cfg = load_config(meta["config"])
+    stage = meta.get("stage", cfg.stage)
+    model = TARFlow(cfg.flow) if stage == "forward" else ReverseModel(cfg.reverse, cfg.flow)
+    missing, unexpected = model.load_state_dict(_clean_state(ckpt.ema_state()), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{key}={ref!r}: weights do not match the {stage} model of its config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return Loaded(model.to(device).eval(), cfg, stage, ckpt.step, ckpt.uri)
+
+
+def load_pair(checkpoint: str, forward: str = "", storage: str = "", endpoint: str = "", region: str = "",
+              device: str | torch.device = "cpu") -> tuple[Loaded, Loaded | None]:
+    """(forward flow, reverse model or None) from a reverse or forward checkpoint."""
+    first = load_checkpoint(checkpoint, storage, endpoint, region, device)
+    if first.stage == "forward":
+        return first, None
+    ref = forward or first.config.train.forward_checkpoint
+    store = storage or first.config.ray.storage
+    flow = load_checkpoint(ref, store, endpoint or first.config.ray.storage_endpoint, region, device,
+                           key="--forward (or the reverse run's train.forward_checkpoint)")
+    return flow, first

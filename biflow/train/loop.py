@@ -110,7 +110,7 @@ class ReverseStage(ForwardStage):
 
     def __init__(self, cfg: ExperimentConfig, run: RunInfo, device: torch.device):
         super().__init__(cfg, run, device)
-        from biflow.evaluate import load_checkpoint
+        from biflow.train.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region, device,
                                  key="train.forward_checkpoint")
