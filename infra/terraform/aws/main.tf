@@ -1,4 +1,5 @@
-# biflow fleet on AWS: a VPC with private worker subnets, one S3 bucket for
+# biflow fleet on AWS: a VPC whose Ray nodes (head included) sit in private
+# subnets (the head is reached through SSM Session Manager), one S3 bucket for
 # shards/checkpoints/logs, IAM for the Ray head (autoscaler) and workers,
 # security groups that keep Ray's ports inside the cluster, and an optional
 # EKS cluster for KubeRay. `terraform output -json > tf.json` then
@@ -47,14 +48,32 @@ module "security" {
   expose_dashboard_to_admin = var.expose_dashboard_to_admin
 }
 
+module "registry" {
+  source = "./modules/registry"
+
+  name        = var.name
+  kms_key_arn = module.storage.kms_key_arn
+}
+
+# 8-GPU nodes: one zone, one cluster placement group, EFA on every card.
+module "gpu8" {
+  source = "./modules/gpu8"
+
+  name              = var.name
+  subnet_id         = module.network.private_subnet_ids[var.gpu8_az_index]
+  security_group_id = module.security.cluster_security_group_id
+}
+
 module "iam" {
   source = "./modules/iam"
 
-  name         = var.name
-  cluster_name = var.name
-  bucket_arn   = module.storage.bucket_arn
-  kms_key_arn  = module.storage.kms_key_arn
-  vpc_arn      = module.network.vpc_arn
+  name                = var.name
+  cluster_name        = var.name
+  bucket_arn          = module.storage.bucket_arn
+  kms_key_arn         = module.storage.kms_key_arn
+  vpc_arn             = module.network.vpc_arn
+  placement_group_arn = module.gpu8.placement_group_arn
+  ecr_repository_arn  = module.registry.repository_arn
 }
 
 module "eks" {
@@ -63,12 +82,13 @@ module "eks" {
 
   name                   = var.name
   kubernetes_version     = var.eks_version
+  vpc_id                 = module.network.vpc_id
   subnet_ids             = module.network.private_subnet_ids
   cluster_security_group = module.security.cluster_security_group_id
+  admin_cidr_blocks      = var.admin_cidr_blocks
   public_access_cidrs    = var.eks_public_access_cidrs
-  gpu_instance_types     = var.eks_gpu_instance_types
-  gpu_max_nodes          = var.eks_gpu_max_nodes
-  gpu_capacity_type      = var.eks_gpu_capacity_type
+  system_instance_types  = var.eks_system_instance_types
   kms_key_arn            = module.storage.kms_key_arn
   data_access_policy_arn = module.iam.data_access_policy_arn
+  tags                   = var.tags
 }

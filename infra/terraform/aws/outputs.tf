@@ -37,13 +37,48 @@ output "vpc_id" {
 }
 
 output "head_subnet_id" {
-  description = "Public subnet for the Ray head (SSH from admin_cidr_blocks only)."
-  value       = module.network.public_subnet_ids[0]
+  description = "Private subnet of the Ray head (no public address; reached through SSM Session Manager)."
+  value       = module.network.private_subnet_ids[0]
 }
 
 output "worker_subnet_ids" {
   description = "Private subnets (no public IPs, egress through NAT, S3 through a gateway endpoint) for Ray workers."
   value       = module.network.private_subnet_ids
+}
+
+output "gpu8_subnet_id" {
+  description = "The one private subnet (one zone) of every 8-GPU node."
+  value       = module.network.private_subnet_ids[var.gpu8_az_index]
+}
+
+output "gpu8_placement_group" {
+  description = "Cluster placement group of the 8-GPU nodes."
+  value       = module.gpu8.placement_group_name
+}
+
+output "gpu8_a100_launch_template_id" {
+  description = "Launch template of p4d.24xlarge Ray workers (4 EFA interfaces, placement group, one subnet)."
+  value       = module.gpu8.launch_template_ids["a100"]
+}
+
+output "gpu8_h100_launch_template_id" {
+  description = "Launch template of p5.48xlarge Ray workers (32 EFA interfaces, placement group, one subnet)."
+  value       = module.gpu8.launch_template_ids["h100"]
+}
+
+output "image_repository_url" {
+  description = "ECR repository of the biflow image (docker push here)."
+  value       = module.registry.repository_url
+}
+
+output "image" {
+  description = "The pinned biflow image (repository:tag) that the Ray launcher and KubeRay run."
+  value       = "${module.registry.repository_url}:${var.image_tag}"
+}
+
+output "ecr_registry" {
+  description = "Registry host of the image, for `docker login` on the nodes."
+  value       = split("/", module.registry.repository_url)[0]
 }
 
 output "cluster_security_group_id" {
@@ -52,12 +87,12 @@ output "cluster_security_group_id" {
 }
 
 output "head_security_group_id" {
-  description = "Extra security group on the head: SSH (and optionally 8265) from admin_cidr_blocks only."
+  description = "Extra security group on the head: no inbound rule unless admin_cidr_blocks (VPN) is set."
   value       = module.security.head_security_group_id
 }
 
 output "head_instance_profile_arn" {
-  description = "Instance profile of the Ray head (bucket access + autoscaler EC2 permissions + PassRole for the worker role)."
+  description = "Instance profile of the Ray head (bucket access + autoscaler EC2 permissions + PassRole for the worker role + SSM)."
   value       = module.iam.head_instance_profile_arn
 }
 
@@ -74,6 +109,26 @@ output "ami_id" {
 output "eks_cluster_name" {
   description = "Name of the optional EKS cluster for KubeRay (null when enable_eks is false)."
   value       = var.enable_eks ? module.eks[0].cluster_name : null
+}
+
+output "eks_cluster_endpoint" {
+  description = "API endpoint of the EKS cluster (private unless eks_public_access_cidrs is set; null without EKS)."
+  value       = var.enable_eks ? module.eks[0].cluster_endpoint : null
+}
+
+output "karpenter_node_role_name" {
+  description = "Karpenter node role (EC2NodeClass spec.role in cluster/kuberay/karpenter.yaml; null without EKS)."
+  value       = var.enable_eks ? module.eks[0].karpenter_node_role_name : null
+}
+
+output "karpenter_queue_name" {
+  description = "Spot interruption queue for the Karpenter chart (settings.interruptionQueue; null without EKS)."
+  value       = var.enable_eks ? module.eks[0].karpenter_queue_name : null
+}
+
+output "gpu8_zone" {
+  description = "Availability zone of every 8-GPU node (launcher subnet and the gpu-8x Karpenter NodePool)."
+  value       = module.network.availability_zones[var.gpu8_az_index]
 }
 
 output "account_id" {

@@ -21,12 +21,13 @@ variable "name" {
 }
 
 variable "admin_cidr_blocks" {
-  description = "CIDR blocks (your office or VPN egress, e.g. 203.0.113.10/32) allowed to SSH to the Ray head node, and to reach the dashboard if expose_dashboard_to_admin is true. Never the whole internet."
+  description = "Optional CIDR blocks of a VPN or peered network (e.g. 10.8.0.0/16) allowed to SSH to the Ray head's private address, and to reach the dashboard if expose_dashboard_to_admin is true. Default empty: the head has no inbound rule and is reached through SSM Session Manager. Never the whole internet."
   type        = list(string)
+  default     = []
 
   validation {
-    condition     = length(var.admin_cidr_blocks) > 0 && alltrue([for c in var.admin_cidr_blocks : can(cidrnetmask(c))])
-    error_message = "admin_cidr_blocks must be a non-empty list of IPv4 CIDR blocks such as 203.0.113.10/32."
+    condition     = alltrue([for c in var.admin_cidr_blocks : can(cidrnetmask(c))])
+    error_message = "admin_cidr_blocks must be a list of IPv4 CIDR blocks such as 10.8.0.0/16."
   }
 
   validation {
@@ -36,7 +37,7 @@ variable "admin_cidr_blocks" {
 }
 
 variable "expose_dashboard_to_admin" {
-  description = "Also open the Ray dashboard/jobs port 8265 on the head to admin_cidr_blocks. Default false: reach it through an SSH tunnel (ray dashboard cluster.yaml) instead."
+  description = "Also open the Ray dashboard/jobs port 8265 on the head to admin_cidr_blocks. Default false: reach it through the SSM-proxied SSH tunnel of `ray dashboard` instead."
   type        = bool
   default     = false
 }
@@ -115,18 +116,18 @@ variable "enable_eks" {
 }
 
 variable "eks_version" {
-  description = "Kubernetes version of the optional EKS cluster."
+  description = "Kubernetes version of the optional EKS cluster. Keep it in EKS standard support (about 14 months per minor version); 1.34 and older are refused."
   type        = string
-  default     = "1.31"
+  default     = "1.35"
 
   validation {
-    condition     = can(regex("^1\\.[0-9]{2}$", var.eks_version))
-    error_message = "eks_version must look like 1.31."
+    condition     = can(regex("^1\\.[0-9]{2}$", var.eks_version)) && tonumber(split(".", var.eks_version)[1]) >= 35
+    error_message = "eks_version must look like 1.35 and be 1.35 or newer (older minors are past EKS standard support)."
   }
 }
 
 variable "eks_public_access_cidrs" {
-  description = "CIDR blocks allowed to reach the EKS API endpoint publicly. Empty (default): the endpoint is private to the VPC."
+  description = "CIDR blocks (your IP/32) allowed to reach the EKS API endpoint publicly. Empty (default): the endpoint is private to the VPC (reach it over a VPN in admin_cidr_blocks or SSM port forwarding through the Ray head, cluster/README.md)."
   type        = list(string)
   default     = []
 
@@ -136,36 +137,36 @@ variable "eks_public_access_cidrs" {
   }
 }
 
-variable "eks_gpu_instance_types" {
-  description = "Instance types of the EKS GPU node group (g5.xlarge: 1x A10G for tests; p4d.24xlarge or p5.48xlarge: 8 GPUs)."
+variable "eks_system_instance_types" {
+  description = "Instance types of the EKS system node group (KubeRay operator, Karpenter, Ray head: the head pod asks for 3 CPU / 12Gi). GPU and data nodes come from Karpenter NodePools."
   type        = list(string)
-  default     = ["g5.xlarge"]
+  default     = ["m6i.2xlarge"]
 
   validation {
-    condition     = length(var.eks_gpu_instance_types) > 0 && alltrue([for t in var.eks_gpu_instance_types : can(regex("^(g4dn|g5|g6|g6e|p3|p4d|p4de|p5|p5e|p5en)\\.[0-9a-z]+$", t))])
-    error_message = "eks_gpu_instance_types must be NVIDIA GPU instance types (g4dn, g5, g6, g6e, p3, p4d, p4de, p5, p5e, p5en)."
+    condition     = length(var.eks_system_instance_types) > 0 && alltrue([for t in var.eks_system_instance_types : can(regex("^[a-z][a-z0-9-]*\\.[0-9a-z]+$", t))])
+    error_message = "eks_system_instance_types must be EC2 instance types such as m6i.2xlarge."
   }
 }
 
-variable "eks_gpu_max_nodes" {
-  description = "Upper bound of the EKS GPU node group (the cluster autoscaler or Karpenter scales between 0 and this)."
+variable "gpu8_az_index" {
+  description = "Which of the az_count zones (0-based) holds every 8-GPU node: one subnet, one cluster placement group, so NCCL over EFA stays inside one zone."
   type        = number
-  default     = 4
+  default     = 0
 
   validation {
-    condition     = var.eks_gpu_max_nodes >= 1 && var.eks_gpu_max_nodes <= 64
-    error_message = "eks_gpu_max_nodes must be between 1 and 64."
+    condition     = var.gpu8_az_index >= 0 && var.gpu8_az_index < 4
+    error_message = "gpu8_az_index must be between 0 and 3 (and below az_count)."
   }
 }
 
-variable "eks_gpu_capacity_type" {
-  description = "Capacity type of the EKS GPU node group: SPOT or ON_DEMAND."
+variable "image_tag" {
+  description = "Tag of the biflow image in the fleet's ECR repository. It names the versions inside (cluster/image/README.md); tags are immutable."
   type        = string
-  default     = "SPOT"
+  default     = "0.1.0-ray2.60.0-torch2.13.0-cu130-py311"
 
   validation {
-    condition     = contains(["SPOT", "ON_DEMAND"], var.eks_gpu_capacity_type)
-    error_message = "eks_gpu_capacity_type must be SPOT or ON_DEMAND."
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+-ray[0-9.]+-torch[0-9.]+-cu[0-9]+-py3[0-9]+$", var.image_tag))
+    error_message = "image_tag must name the versions, like 0.1.0-ray2.60.0-torch2.13.0-cu130-py311."
   }
 }
 

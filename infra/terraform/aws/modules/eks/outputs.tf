@@ -1,9 +1,24 @@
 output "cluster_name" {
   description = "EKS cluster name (aws eks update-kubeconfig --name ...)."
-  value       = aws_eks_cluster.this.name
+  value       = module.eks.cluster_name
 }
 
-output "node_role_arn" {
-  description = "Role of the EKS nodes."
-  value       = aws_iam_role.node.arn
+output "cluster_endpoint" {
+  description = "API server endpoint (private unless public_access_cidrs is set)."
+  value       = module.eks.cluster_endpoint
+}
+
+output "karpenter_node_role_name" {
+  description = "Node role of Karpenter's nodes (EC2NodeClass spec.role)."
+  value       = module.karpenter.node_iam_role_name
+}
+
+output "karpenter_queue_name" {
+  description = "SQS queue of spot interruption events (Karpenter's settings.interruptionQueue)."
+  value       = module.karpenter.queue_name
+}
+
+output "ray_pods_role_arn" {
+  description = "Role the Ray pods get through Pod Identity (bucket access only)."
+  value       = aws_iam_role.ray_pods.arn
 }

@@ -1,6 +1,7 @@
 # Head: bucket access + what Ray's AWS autoscaler calls (run/describe/tag/
-# stop/terminate instances of this cluster) + PassRole for the worker role.
-# Workers: bucket access only.
+# stop/terminate instances of this cluster) + PassRole for the worker role +
+# SSM Session Manager (how `ray up`/`ray dashboard` reach the private head).
+# Workers: bucket access only. Both: pull the biflow image from its ECR repo.
 
 data "aws_caller_identity" "current" {}
 data "aws_partition" "current" {}
@@ -143,6 +144,12 @@ data "aws_iam_policy_document" "autoscaler" {
   }
 
   statement {
+    sid       = "RunInTheGpu8PlacementGroup"
+    actions   = ["ec2:RunInstances"]
+    resources = [var.placement_group_arn]
+  }
+
+  statement {
     sid       = "TagAtLaunch"
     actions   = ["ec2:CreateTags"]
     resources = ["${local.ec2}:instance/*", "${local.ec2}:volume/*", "${local.ec2}:spot-instances-request/*", "${local.ec2}:network-interface/*"]
@@ -191,4 +198,43 @@ resource "aws_iam_policy" "autoscaler" {
 resource "aws_iam_role_policy_attachment" "head_autoscaler" {
   role       = aws_iam_role.head.name
   policy_arn = aws_iam_policy.autoscaler.arn
+}
+
+# ---- SSM Session Manager on the head --------------------------------------
+# `ray up` reaches the head (in a private subnet, no public address, no
+# inbound rule) through `aws ssm start-session` (auth.ssh_proxy_command in
+# cluster/aws.yaml). The agent needs only outbound HTTPS (NAT).
+
+resource "aws_iam_role_policy_attachment" "head_ssm" {
+  role       = aws_iam_role.head.name
+  policy_arn = "arn:${local.p}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+}
+
+# ---- image pulls (head and workers) ---------------------------------------
+
+data "aws_iam_policy_document" "image_pull" {
+  #checkov:skip=CKV_AWS_356:ecr:GetAuthorizationToken has no resource-level permissions; pulls are limited to one repository below.
+  statement {
+    sid       = "LogInToEcr"
+    actions   = ["ecr:GetAuthorizationToken"]
+    resources = ["*"]
+  }
+
+  statement {
+    sid       = "PullTheBiflowImageOnly"
+    actions   = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"]
+    resources = [var.ecr_repository_arn]
+  }
+}
+
+resource "aws_iam_policy" "image_pull" {
+  name        = "${var.name}-image-pull"
+  description = "Pull the ${var.name} image from its ECR repository only"
+  policy      = data.aws_iam_policy_document.image_pull.json
+}
+
+resource "aws_iam_role_policy_attachment" "image_pull" {
+  for_each   = { head = aws_iam_role.head.name, worker = aws_iam_role.worker.name }
+  role       = each.value
+  policy_arn = aws_iam_policy.image_pull.arn
 }

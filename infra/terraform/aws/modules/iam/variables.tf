@@ -22,3 +22,13 @@ variable "vpc_arn" {
   description = "ARN of the fleet's VPC; the autoscaler may launch only into it."
   type        = string
 }
+
+variable "placement_group_arn" {
+  description = "ARN of the 8-GPU cluster placement group the autoscaler may launch into."
+  type        = string
+}
+
+variable "ecr_repository_arn" {
+  description = "ARN of the ECR repository of the biflow image; the only one nodes can pull from."
+  type        = string
+}

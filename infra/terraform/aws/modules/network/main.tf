@@ -38,8 +38,7 @@ resource "aws_internet_gateway" "this" {
   tags   = { Name = var.name }
 }
 
-# Public subnets hold the NAT gateway(s) and the Ray head. Nothing gets a
-# public address automatically: the head asks for one explicitly.
+# Public subnets hold only the NAT gateway(s). Nothing gets a public address.
 resource "aws_subnet" "public" {
   count                   = var.az_count
   vpc_id                  = aws_vpc.this.id
@@ -49,14 +48,16 @@ resource "aws_subnet" "public" {
   tags                    = { Name = "${var.name}-public-${local.azs[count.index]}", Tier = "public" }
 }
 
-# Private subnets hold the GPU workers: no public addresses, egress via NAT.
+# Private subnets hold every Ray node (the head included) and the EKS nodes:
+# no public addresses, egress via NAT.
 resource "aws_subnet" "private" {
   count                   = var.az_count
   vpc_id                  = aws_vpc.this.id
   cidr_block              = local.worker_cidr[count.index]
   availability_zone       = local.azs[count.index]
   map_public_ip_on_launch = false
-  tags                    = { Name = "${var.name}-private-${local.azs[count.index]}", Tier = "private" }
+  # karpenter.sh/discovery: the subnets Karpenter's EC2NodeClass selects (EKS).
+  tags = { Name = "${var.name}-private-${local.azs[count.index]}", Tier = "private", "karpenter.sh/discovery" = "${var.name}-eks" }
 }
 
 resource "aws_eip" "nat" {

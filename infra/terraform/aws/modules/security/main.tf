@@ -2,7 +2,9 @@
 #  - cluster: on every Ray node. Ray's ports are reachable only from members
 #    of this same group (never from a CIDR): anyone who reaches the GCS,
 #    dashboard/jobs or client port can run code (CVE-2023-48022).
-#  - head: on the head only. SSH (and, if asked, 8265) from admin CIDRs.
+#  - head: on the head only. No inbound rule by default (the head is reached
+#    through SSM Session Manager); SSH (and, if asked, 8265) from optional
+#    VPN/peered admin CIDRs.
 
 locals {
   # Ray ports opened to the cluster's own group, by name. The all-traffic
@@ -56,7 +58,7 @@ resource "aws_vpc_security_group_egress_rule" "all" {
 resource "aws_security_group" "head" {
   #checkov:skip=CKV2_AWS_5:Attached to the head instance by the Ray cluster launcher (cluster/aws.yaml NetworkInterfaces Groups), outside Terraform.
   name        = "${var.name}-ray-head-admin"
-  description = "Ray head of ${var.name}: SSH from admin CIDRs only"
+  description = "Ray head of ${var.name}: SSH only from optional admin CIDRs (SSM otherwise)"
   vpc_id      = var.vpc_id
   tags        = { Name = "${var.name}-ray-head-admin" }
 }

@@ -9,8 +9,9 @@ variable "vpc_id" {
 }
 
 variable "admin_cidr_blocks" {
-  description = "CIDR blocks allowed to SSH to the head (and reach 8265 if expose_dashboard_to_admin). Never 0.0.0.0/0."
+  description = "CIDR blocks (VPN, peered network) allowed to SSH to the head's private address (and reach 8265 if expose_dashboard_to_admin). Empty: no inbound rule at all (SSM only). Never 0.0.0.0/0."
   type        = list(string)
+  default     = []
 
   validation {
     condition     = alltrue([for c in var.admin_cidr_blocks : can(cidrnetmask(c)) && !contains(["0.0.0.0/0", "::/0"], c) && tonumber(split("/", c)[1]) >= 8])
