@@ -492,6 +492,19 @@ def test_readme_documents_the_workflow():
                    "ray down", "kubectl port-forward", "ray get-auth-token", "infra/terraform/aws destroy"):
         assert needle in text, needle
     assert "0.0.0.0/0" not in text, "the README never suggests opening anything to the world"
+    readme = (ROOT / "README.md").read_text()
+    scaling = readme[readme.index("## Scaling out"):]
+    for doc in (text, scaling):
+        # every job file the docs name exists
+        for ref in set(re.findall(r"(?<![\w/])jobs/[\w./-]+\.yaml", doc)):
+            assert ref in JOB_FILES, f"docs name {ref}, which does not exist"
+        # no `ray up ... &`: its confirmation prompt must stay in the foreground
+        for line in doc.splitlines():
+            assert not (line.lstrip().startswith("ray ") and re.search(r"&\s*(#.*)?$", line)), line
+    assert "ray dashboard cluster/rendered/aws.yaml" in scaling and "ray up cluster/rendered/aws.yaml\n" in scaling
+    for needle in ("authOptions", "ssh_proxy_command", "placeholder", "ray job submit --address http://127.0.0.1:8265 "
+                   "--working-dir .", "python -m biflow.submit", "bootstrap_aws", "backend.tf.example"):
+        assert needle in text, needle
 
 
 # ---- render ------------------------------------------------------------------
