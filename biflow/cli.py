@@ -110,13 +110,38 @@ def evaluate(
     batch_size: int = typer.Option(100, help="Generation batch size."),
     workers: int = typer.Option(0, help="Ray workers for generation (0 = this process)."),
     data_uri: str = typer.Option("", help="Override the run's data.uri for reference images."),
+    reference_uri: str = typer.Option("", help="Latent runs: real image shards for FID (default: the latents' source)."),
+    eval_split: str = typer.Option("", help="Held-out split (default: the run's data.eval_split)."),
 ) -> None:
-    """FID of BiFlow 1-NFE and the exact inverse, bpd, reconstruction PSNR, ms/img, grids."""
+    """FID of BiFlow 1-NFE and the exact inverse, bpd, reconstruction PSNR, ms/img, grids.
+
+    Latent runs are decoded through their autoencoder and compared with real pixel images."""
     from biflow.evaluate import EvalOptions, evaluate as run_evaluate
 
     opts = EvalOptions(num_samples=num_samples, guidance=list(guidance or [0.0]), batch_size=batch_size,
-                       num_eval_images=num_samples, workers=workers, data_uri=data_uri)
+                       num_eval_images=num_samples, workers=workers, data_uri=data_uri, reference_uri=reference_uri,
+                       eval_split=eval_split)
     run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint)
+
+
+@app.command()
+@friendly_errors
+def sample(
+    checkpoint: str = typer.Argument(..., help="Reverse run (BiFlow) or forward run (exact inverse): name, dir or URI."),
+    out: Path = typer.Option(Path("runs/samples"), help="Output directory (PNG grid + .npz of uint8 images)."),
+    num: int = typer.Option(64, help="Number of samples."),
+    guidance: float = typer.Option(0.0, help="Guidance scale w."),
+    sampler: str = typer.Option("biflow", help="biflow (1 NFE) or exact (the flow's inverse + Tweedie)."),
+    forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
+    storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
+    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+    seed: int = typer.Option(0, help="Seed of the noise and the labels."),
+) -> None:
+    """Draw samples from a trained run; latent runs are decoded through their autoencoder."""
+    from biflow.evaluate import sample_images
+
+    sample_images(checkpoint, out, num=num, guidance=guidance, sampler=sampler, forward=forward, storage=storage,
+                  endpoint=endpoint, seed=seed, log=typer.echo)
 
 
 @bench_app.command("sampling")

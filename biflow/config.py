@@ -91,7 +91,9 @@ class PerceptualConfig:
     network: Literal["inception", "vgg", "convnext", "none"] = "inception"
     weights_path: str = ""  # local weights for vgg / convnext (no hub downloads)
     resize: int = 299  # input side for the feature net (inception needs >= 75)
-    crop: float = 1.0  # fraction of the image in the paired random crop (1 = whole)
+    crop: float = 1.0  # smallest side fraction of the paired random crop (1 = the whole image)
+    crop_mode: Literal["resized", "fixed"] = "resized"  # resized: side ~ U[crop, 1], resampled to the net's
+    # input size (random-resized crops, as in the paper); fixed: a crop x side window at its own resolution
 
 
 @dataclass
@@ -186,6 +188,9 @@ class DataConfig:
     endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
     region: str = ""
     kind: Literal["pixels", "latents"] = "pixels"
+    # latents: the frozen diffusers AutoencoderKL that decodes them (local folder or hub id);
+    # empty = the one named in the latent manifest
+    autoencoder: str = ""
     random_flip: bool = True
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer; 0 = file order only
     prefetch_batches: int = 2

@@ -111,18 +111,24 @@ def sample_guidance(y: Tensor | None, w_max: float, num_classes: int, batch: int
 
 def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
                  feature_net: Callable | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+                 generator: torch.Generator | None = None,
+                 decode: Callable[..., Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
     """Stage-2 objective for the reverse model G given a frozen forward flow F.
 
     Pairs are made on the fly: x_noisy = x + sigma * eps, and F's trajectory
     x_noisy = x^0 -> ... -> x^B = z. G(z | c, w) must reproduce each x^k at
     its aligned depth and the clean x at the output.
+
+    ``decode`` (latent data: :meth:`biflow.data.latents.LatentCodec.decode`) maps
+    latents to images for the perceptual term, with gradients through the frozen
+    decoder. The frozen flow always runs in fp32, outside any autocast: its
+    trajectory is the target, and bf16 rounding would move it.
     """
     b = x.shape[0]
     x_noisy = x + fcfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     y_in = drop_labels(y, fcfg.label_drop, fcfg.num_classes, generator)
-    with torch.no_grad():
-        traj = flow(x_noisy, y_in)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        traj = flow(x_noisy.float(), y_in)
     z = traj.z.detach()
     w = sample_guidance(y_in, rcfg.guidance_max, fcfg.num_classes, b, x.device, generator)
     out = rev(z, y_in, guidance=w)
@@ -146,7 +152,11 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
     if feature_net is not None and rcfg.perceptual_weight > 0:
         from biflow.perceptual import perceptual_distance
 
-        perc = perceptual_distance(feature_net, x_hat, x, crop=rcfg.perceptual.crop, generator=generator)
+        img_hat, img = x_hat, x
+        if decode is not None:
+            img_hat = decode(x_hat, grad=True, clamp=False)
+            img = decode(x, grad=False)
+        perc = perceptual_distance(feature_net, img_hat, img, crop=rcfg.perceptual.crop, generator=generator)
         total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, eps)
     loss = total.mean()
     with torch.no_grad():

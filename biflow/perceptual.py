@@ -436,14 +436,40 @@ def paired_random_crop(x_hat: torch.Tensor, x: torch.Tensor, crop: float,
         return x_hat, x
     ch = min(H, max(MIN_IMAGE_SIZE, round(H * crop)))
     cw = min(W, max(MIN_IMAGE_SIZE, round(W * crop)))
-    top = torch.randint(0, H - ch + 1, (B,), generator=generator).to(x.device)
-    left = torch.randint(0, W - cw + 1, (B,), generator=generator).to(x.device)
+    draw_on = generator.device if generator is not None else x.device  # a CUDA generator draws on CUDA
+    top = torch.randint(0, H - ch + 1, (B,), generator=generator, device=draw_on).to(x.device)
+    left = torch.randint(0, W - cw + 1, (B,), generator=generator, device=draw_on).to(x.device)
     rows = (top[:, None] + torch.arange(ch, device=x.device))[:, :, None]  # (B, ch, 1)
     cols = (left[:, None] + torch.arange(cw, device=x.device))[:, None, :]  # (B, 1, cw)
     b = torch.arange(B, device=x.device)[:, None, None]
 
     def cut(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # (B, C, ch, cw)
+
+    return cut(x_hat), cut(x)
+
+
+def paired_random_resized_crop(x_hat: torch.Tensor, x: torch.Tensor, min_scale: float, size: int,
+                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized crops, the same box for both batches: per sample a square box
+    whose side is ``s`` x the image side, ``s ~ U[min_scale, 1]``, at a random place,
+    resampled (bilinear, differentiable) to ``size`` x ``size``. ``min_scale >= 1``
+    resizes the whole image."""
+    B, _, H, W = x.shape
+    draw_on = generator.device if generator is not None else x.device
+    if min_scale >= 1:
+        scale = torch.ones(B, device=x.device)
+    else:
+        scale = min_scale + (1 - min_scale) * torch.rand(B, generator=generator, device=draw_on).to(x.device)
+    # centre in normalised coordinates: the box stays inside the image
+    shift = (torch.rand(B, 2, generator=generator, device=draw_on).to(x.device) * 2 - 1) * (1 - scale[:, None])
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = scale, scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, [B, 1, size, size], align_corners=False)
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(t, grid.to(t.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
     return cut(x_hat), cut(x)
 
@@ -467,7 +493,8 @@ def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 def perceptual_distance(net: FeatureNet, x_hat: torch.Tensor, x: torch.Tensor, crop: float | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) LPIPS-style distance between ``x_hat`` and the target ``x`` (images
-    in [-1, 1], any size >= 8 px, 1 or 3 channels), on paired random crops.
+    in [-1, 1], any size >= 8 px, 1 or 3 channels), on paired random crops
+    (``cfg.crop_mode``: random-resized by default, or fixed-size windows).
     Gradients flow into ``x_hat``; the target is run without a graph."""
     if x_hat.shape != x.shape or x.dim() != 4:
         raise ValueError(f"x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} must be equal (B, C, H, W)")
@@ -475,7 +502,10 @@ def perceptual_distance(net: FeatureNet, x_hat: torch.Tensor, x: torch.Tensor, c
         raise ValueError(f"images must be at least {MIN_IMAGE_SIZE} px, got {tuple(x.shape[-2:])}")
     crop = net.cfg.crop if crop is None else crop
     size = net.cfg.resize or max(net.min_size, x.shape[-1])
-    x_hat, x = paired_random_crop(x_hat, x.detach(), crop, generator)
+    if net.cfg.crop_mode == "resized" and crop < 1 and x.shape[1] in (1, 3):
+        x_hat, x = paired_random_resized_crop(x_hat, x.detach(), crop, size, generator)
+    else:
+        x_hat, x = paired_random_crop(x_hat, x.detach(), crop, generator)
     dtype = net.dtype
     feats_hat = net.features(prepare_images(x_hat.to(dtype), size))
     with torch.no_grad():

@@ -74,3 +74,24 @@ def inpaint(flow: nn.Module, rev: nn.Module, x: Tensor, mask: Tensor, y: Tensor 
     z = mask * z_known + (1 - mask) * _prior(x.shape, x.device, x.dtype, generator)
     x_hat = rev(z, y, guidance=guidance).x
     return mask * x + (1 - mask) * x_hat
+
+
+@torch.no_grad()
+def inpaint_images(flow: nn.Module, rev: nn.Module, images: Tensor, mask: Tensor, y: Tensor | None,
+                   codec=None, guidance: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`inpaint` for images, in pixel or latent space.
+
+    ``images`` (B, C, H, W) in [-1, 1], ``mask`` (B or 1, 1, H, W) with 1 = known pixel.
+    With a latent ``codec`` (:class:`biflow.data.latents.LatentCodec`) the images are
+    encoded, a latent cell counts as known only where every pixel it covers is known,
+    G fills the rest in latent space, the result is decoded and the known pixels are
+    pasted back."""
+    if codec is None:
+        return inpaint(flow, rev, images, mask, y, guidance, generator)
+    z = codec.encode(images)
+    factor = images.shape[-1] // z.shape[-1]
+    known = 1 - torch.nn.functional.max_pool2d(1 - mask.to(z.dtype), factor)  # all pixels of the cell known
+    latent = inpaint(flow, rev, z, known, y, guidance, generator)
+    out = codec.decode(latent).to(images.dtype)
+    m = mask.to(images.dtype).expand_as(images)
+    return m * images + (1 - m) * out

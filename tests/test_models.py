@@ -122,10 +122,35 @@ def test_bf16_forward_keeps_fp32_logdet():
     flow = tiny_flow().to(torch.bfloat16)
     x, y = data(dtype=torch.bfloat16)
     out = flow(x, y)
-    assert out.z.dtype == torch.bfloat16 and out.logdet.dtype == torch.float32
+    # states (z included) stay in fp32 between blocks: only the transformers run in bf16
+    assert out.z.dtype == torch.float32 and out.logdet.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in out.states)
     assert torch.isfinite(out.logdet).all()
     ref = tiny_flow()(x.float(), y)
     assert (out.logdet - ref.logdet).abs().max() < 0.05 * ref.logdet.abs().max() + 0.05
+    for s_bf16, s_ref in zip(out.states, ref.states):
+        assert (s_bf16 - s_ref).abs().max() < 0.05 * s_ref.abs().max()
+    back = flow.inverse(out.z.to(torch.bfloat16), y)
+    assert back.dtype == torch.bfloat16
+
+
+def test_cpu_bf16_autocast_states_and_inverse_match_fp32():
+    """Under bf16 autocast (as the engines run on GPUs) the states passed between blocks
+    are fp32 and close to an fp32 run, and the inverse recovers x."""
+    flow = tiny_flow()
+    x, y = data()
+    with torch.no_grad():
+        ref = flow(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = flow(x, y)
+            back = flow.inverse(out.z, y)
+    assert all(s.dtype == torch.float32 for s in out.states)
+    for k, (s_amp, s_ref) in enumerate(zip(out.states, ref.states)):
+        rel = ((s_amp - s_ref).norm() / s_ref.norm()).item()
+        assert rel < 2e-2, (k, rel)
+    assert back.dtype == torch.float32
+    assert (back - x).abs().max().item() < 5e-2  # bf16 transformers, fp32 affine math
+    assert (flow.inverse(ref.z, y) - x).abs().max().item() < 1e-4  # the fp32 inverse is exact
 
 
 def test_flow_loss_falls_on_fixed_batch():

@@ -32,7 +32,7 @@ def load_autoencoder(name_or_path: str, device: str = "cpu"):
     except ImportError:  # pragma: no cover
         raise UserError("latents need diffusers: pip install 'biflow[latents]'") from None
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
+        vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load AutoencoderKL {name_or_path!r}: {str(exc).splitlines()[0]} "
                         "(give a local folder with config.json + weights, or a hub id such as "
@@ -211,9 +211,111 @@ class _RollingWriter:
 
 def latents_to_images(z: "torch.Tensor", manifest: Manifest, vae) -> "torch.Tensor":  # noqa: F821
     """Normalised latents (as the pipeline yields them) -> images in [-1, 1]."""
-    import torch
+    return LatentCodec(vae, manifest.data["latent_mean"], manifest.data["latent_std"]).decode(z)
 
-    mean = torch.tensor(manifest.data["latent_mean"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-    std = torch.tensor(manifest.data["latent_std"], dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-    with torch.no_grad():
-        return vae.decode((z * std + mean).to(vae.dtype)).sample.clamp(-1, 1)
+
+# ---------------------------------------------------------------------------
+# The frozen autoencoder of a latent shard set
+# ---------------------------------------------------------------------------
+
+
+def autoencoder_source(manifest: Manifest, override: str = "", key: str = "data.autoencoder") -> str:
+    """The autoencoder that decodes ``manifest``'s latents: ``override`` (a local
+    folder or hub id, from ``data.autoencoder``) or the id the manifest recorded."""
+    name = override or str(manifest.data.get("autoencoder") or "")
+    if not name:
+        raise UserError(f"{manifest.uri} holds latents but names no autoencoder to decode them; set {key} "
+                        "to a local diffusers AutoencoderKL folder or a hub id")
+    return name
+
+
+def autoencoder_latent_shape(name_or_path: str, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w) of the latents an AutoencoderKL makes from ``image_size`` px images,
+    read from its config alone (no weights)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:  # pragma: no cover
+        raise UserError("latents need diffusers: pip install 'biflow[latents]'") from None
+    try:
+        config = AutoencoderKL.load_config(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load AutoencoderKL {name_or_path!r}: {str(exc).splitlines()[0]} "
+                        "(give a local folder with config.json + weights, or a hub id with network access)") from None
+    factor = 2 ** (len(config.get("block_out_channels", (0,))) - 1)
+    side = image_size // factor
+    return int(config.get("latent_channels", 4)), side, side
+
+
+def check_latent_setup(manifest: Manifest, flow_channels: int, flow_image_size: int, override: str = "") -> str:
+    """Before any worker starts: an autoencoder exists for a latent shard set, and its
+    latents, the shards' and the flow's shapes agree. Returns the autoencoder source."""
+    want = (flow_channels, flow_image_size, flow_image_size)
+    stored = tuple(int(v) for v in manifest.data.get("latent_shape", ()))
+    if stored and stored != want:
+        raise UserError(f"{manifest.uri} holds latents of shape {stored}, but flow.channels/flow.image_size "
+                        f"give {want}: set flow.channels={stored[0]} flow.image_size={stored[1]}")
+    source = autoencoder_source(manifest, override)
+    pixels = int(manifest.data.get("source_image_size") or 0)
+    if pixels:
+        made = autoencoder_latent_shape(source, pixels)
+        if made != want:
+            raise UserError(f"autoencoder {source!r} makes latents of shape {made} from {pixels}-px images, "
+                            f"but flow.channels/flow.image_size give {want}; use the autoencoder that encoded "
+                            f"{manifest.uri} (data.autoencoder)")
+    return source
+
+
+class LatentCodec:
+    """A frozen ``AutoencoderKL`` plus the per-channel normalisation of a latent
+    shard set: ``decode`` maps normalised latents (what the pipeline yields and
+    the models see) to images in [-1, 1], ``encode`` maps images back.
+
+    Decoding keeps the autograd graph when asked (``grad=True``), so a loss on
+    decoded images (the perceptual term) trains the model through the frozen
+    decoder; the decoder's own weights never need gradients."""
+
+    def __init__(self, vae, mean, std):
+        import torch
+
+        self.vae = vae.eval().requires_grad_(False)
+        p = next(vae.parameters())
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=p.device).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, override: str = "", device: Any = "cpu") -> "LatentCodec":
+        vae = load_autoencoder(autoencoder_source(manifest, override), str(device))
+        return cls(vae, manifest.data["latent_mean"], manifest.data["latent_std"])
+
+    @classmethod
+    def from_data_config(cls, data_cfg, device: Any = "cpu") -> "LatentCodec":
+        return cls.from_manifest(read_manifest(data_cfg.uri, data_cfg.endpoint, data_cfg.region),
+                                 data_cfg.autoencoder, device)
+
+    def to(self, device: Any) -> "LatentCodec":
+        self.vae.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    @property
+    def device(self):
+        return self.mean.device
+
+    def decode(self, z, grad: bool = False, clamp: bool = True):
+        """Normalised latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] (float32)."""
+        import torch
+
+        dtype = next(self.vae.parameters()).dtype
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            raw = z.to(self.mean.device, torch.float32) * self.std + self.mean
+            x = self.vae.decode(raw.to(dtype)).sample.float()
+        return x.clamp(-1, 1) if clamp else x
+
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (posterior means, as the shards hold)."""
+        import torch
+
+        dtype = next(self.vae.parameters()).dtype
+        with torch.no_grad():
+            z = self.vae.encode(images.to(self.mean.device, dtype)).latent_dist.mean.float()
+        return (z - self.mean) / self.std

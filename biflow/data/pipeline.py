@@ -289,7 +289,11 @@ def iter_split(data_cfg: DataConfig, split: str | None = None, batch_size: int =
                channels: int | None = None, drop_last: bool = False,
                device: Any = "cpu") -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
     """The same batches without Ray Train (evaluation, tests, notebooks): the whole
-    split once, without augmentation unless ``train``."""
+    split once, without augmentation unless ``train``. Starts a local Ray instance
+    (or joins RAY_ADDRESS) when none is running, never a stray earlier cluster."""
+    from biflow.data.shards import ensure_ray
+
+    ensure_ray()
     ds = build_dataset(data_cfg, split, image_size, channels, train=train, seed=seed, limit=limit)
     yield from iter_worker_batches(ds, batch_size, epoch=epoch, seed=seed,
                                    shuffle_buffer=data_cfg.shuffle_buffer if train else 0,

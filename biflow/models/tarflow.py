@@ -88,7 +88,7 @@ class FlowBlock(nn.Module):
         alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)
         z = (xp.to(dtype) - mu) * torch.exp(-alpha)
         logdet = -alpha.sum(dim=(1, 2))
-        return self.permute(z).to(x.dtype), logdet
+        return self.permute(z), logdet  # in the affine dtype: states are never rounded to bf16
 
     def _mix(self, mu: Tensor, alpha: Tensor, guidance: float) -> tuple[Tensor, Tensor]:
         """Classifier-free guidance on the affine parameters (cond first, uncond second)."""
@@ -157,10 +157,13 @@ class TARFlow(nn.Module):
         return unpatchify(tokens, c.patch_size, c.channels, c.image_size)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
+        """States, z and logdet in the affine dtype (fp32 for bf16/fp16 inputs, fp64 for fp64):
+        under bf16 only the transformers round, never the states passed between blocks."""
         self._check(x)
-        tokens = self.to_tokens(x)
-        logdet = torch.zeros(x.shape[0], dtype=_affine_dtype(x.dtype), device=x.device)
-        states = [x]
+        dtype = _affine_dtype(x.dtype)
+        tokens = self.to_tokens(x).to(dtype)
+        logdet = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+        states = [x.to(dtype)]
         for block in self.blocks:
             tokens, ld = block(tokens, y)
             logdet = logdet + ld
@@ -171,10 +174,10 @@ class TARFlow(nn.Module):
     def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
         """Exact inverse F^-1(z), blocks in reverse order, with optional CFG."""
         self._check(z)
-        tokens = self.to_tokens(z)
+        tokens = self.to_tokens(z).to(_affine_dtype(z.dtype))  # fp32 between blocks, as in forward
         for block in reversed(self.blocks):
             tokens = block.inverse(tokens, y, guidance=guidance, use_cache=use_cache)
-        return self.to_image(tokens)
+        return self.to_image(tokens).to(z.dtype)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x) in nats, (B,): standard normal prior plus the log-det."""

@@ -88,6 +88,22 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
     return cfg, run
 
 
+def check_data(cfg: ExperimentConfig) -> None:
+    """The shards exist and fit the job, before any worker starts: the manifest is
+    readable (naming data.uri), its kind is data.kind, and latent data has an
+    autoencoder whose latents have the flow's shape."""
+    from biflow.data.shards import read_manifest
+
+    manifest = read_manifest(cfg.data.uri, cfg.data.endpoint, cfg.data.region)
+    if manifest.kind != cfg.data.kind:
+        raise ConfigError(f"data.kind={cfg.data.kind!r}, but {cfg.data.uri} holds {manifest.kind}: "
+                          f"set data.kind={manifest.kind}")
+    if manifest.kind == "latents":
+        from biflow.data.latents import check_latent_setup
+
+        check_latent_setup(manifest, cfg.flow.channels, cfg.flow.image_size, cfg.data.autoencoder)
+
+
 def _check_ranges(cfg: ExperimentConfig) -> None:
     """Ranges the config classes do not check (optim, data, ray): a negative lr or
     shuffle buffer would otherwise fail inside every worker, or train backwards."""
@@ -204,9 +220,7 @@ def fit(cfg: ExperimentConfig, name: str | None = None, storage: str | None = No
 
     cfg, run = prepare(cfg, name, storage, workers)
     if datasets is None:
-        from biflow.data.shards import read_manifest
-
-        read_manifest(cfg.data.uri, cfg.data.endpoint, cfg.data.region)  # fails early, naming data.uri
+        check_data(cfg)
     init_ray(address, cfg)
     trainer = build_trainer(cfg, run, datasets, hooks)
     try:

@@ -86,6 +86,15 @@ class ForwardStage:
 
     def __init__(self, cfg: ExperimentConfig, run: RunInfo, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.codec = None  # latent data: the frozen autoencoder that turns samples into images
+        if cfg.data.kind == "latents":
+            from biflow.data.latents import LatentCodec
+
+            self.codec = LatentCodec.from_data_config(cfg.data, device)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1] (latents decoded through the frozen autoencoder)."""
+        return self.codec.decode(x) if self.codec is not None else x
 
     def build(self) -> nn.Module:
         from biflow.models import TARFlow
@@ -135,8 +144,9 @@ class ReverseStage(ForwardStage):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None):
         from biflow.losses import reverse_loss
 
+        decode = self.codec.decode if self.codec is not None else None
         return reverse_loss(model, self.flow, x.float(), y, self.cfg.reverse, self.flow_cfg,
-                            feature_net=self.feature_net, generator=generator)
+                            feature_net=self.feature_net, generator=generator, decode=decode)
 
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_biflow
@@ -146,6 +156,22 @@ class ReverseStage(ForwardStage):
 
 
 STAGES = {"forward": ForwardStage, "reverse": ReverseStage}
+
+
+def sample_grid(stage: ForwardStage, ema_state: dict[str, torch.Tensor], labels: torch.Tensor | None, seed: int,
+                step: int, logger: "Logger") -> None:
+    """Sample 16 images from the EMA weights (decoded when latent) into TensorBoard and a PNG.
+    A failure is reported and training goes on: grids are a view, not the run's product."""
+    try:
+        module = stage.build().to(stage.device)
+        module.load_state_dict(ema_state)
+        gen = torch.Generator(device=stage.device).manual_seed(seed)
+        with torch.no_grad():
+            images = stage.to_images(stage.sample(module.eval(), labels, generator=gen))
+        logger.image(step, images)
+    except Exception as exc:  # noqa: BLE001 - any sampling bug must not kill (and re-kill) the run
+        print(f"[{stage.name}] warning: sample grid at step {step} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -531,14 +557,12 @@ def train_loop(config: dict[str, Any]) -> None:
         ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total
         t_pause = time.perf_counter()
         ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
-        if sample_now and is_rank0:
-            module_copy = stage.build().to(device)
-            module_copy.load_state_dict(ema_full)
-            gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-            logger.image(step, stage.sample(module_copy.eval(), sample_labels, generator=gen))
-        if ckpt_now:
+        if ckpt_now:  # before sampling: a grid that fails can never cost committed work
             save_checkpoint(engine, ema, state, cfg, run,
                             {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full, kill=kill)
+        if sample_now and is_rank0:
+            sample_grid(stage, ema_full, sample_labels, cfg.train.seed, step, logger)
+        if ckpt_now:
             logger.sync()
         window_pause += time.perf_counter() - t_pause  # sampling and checkpoints are not training throughput
     logger.close()
