@@ -238,6 +238,10 @@ class RayConfig:
     max_failures: int = 2
     storage: str = "runs"  # run storage: local dir or s3://bucket/prefix
     storage_endpoint: str = ""
+    # per-worker custom resources beside CPU/GPU (e.g. {"spot_gpu": 1}, or a node type's marker resource)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str = ""  # Ray accelerator type of the worker GPUs, e.g. A100, H100 ("" = any)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass
@@ -294,6 +298,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, f"{path} key"): _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -187,7 +187,10 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
         datasets = {"train": build_dataset(cfg.data, cfg.data.split, cfg.flow.image_size, cfg.flow.channels,
                                            train=True, seed=cfg.train.seed, stats=stats)}
     env = {**worker_env(), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
-    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    for key in cfg.ray.resources_per_worker:
+        if key in ("CPU", "GPU"):
+            raise ConfigError(f"ray.resources_per_worker.{key}: set ray.cpus_per_worker / ray.use_gpu instead")
+    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.ray.resources_per_worker}
     run_config = RunConfig(
         name=run.name,
         **storage_mod.ray_storage(run.storage, run.endpoint, run.region),
@@ -200,7 +203,9 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     accelerator_type=cfg.ray.accelerator_type or None,
+                                     placement_strategy=cfg.ray.placement_strategy),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
