@@ -183,7 +183,7 @@ def bench_train_cmd(
 def bench_all_cmd(out: Path = typer.Option(Path("runs/bench"), help="Output directory for every JSON and PNG.")) -> None:
     """The whole suite: sampling, data and training benchmarks, one after another."""
     from biflow.bench import bench_sampling, bench_train
-    from biflow.data.bench import bench_data
+    from biflow.bench.data import bench_data
 
     bench_sampling(out)
     train_step, desc = _flow_train_step(64)
@@ -259,7 +259,7 @@ def bench_data_cmd(
     num_cpus: int = typer.Option(2, help="CPUs for the local Ray instance (same cores as the PIL loop)."),
 ) -> None:
     """Pipeline images/s from a local S3 server vs a single-process PIL loop, and data-wait fraction."""
-    from biflow.data.bench import bench_data
+    from biflow.bench.data import bench_data
 
     train_step, desc = (None, "") if model == "standin" else _flow_train_step(batch_size)
     bench_data(out, source=source, images=images, batch_size=batch_size, steps=steps, train_step=train_step,

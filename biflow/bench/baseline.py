@@ -1,0 +1,114 @@
+"""The plain single-process PyTorch baseline of ``biflow bench train``: the same
+per-step work as the training loop, run in a fresh process (``python -c``) so
+that OpenMP reads its settings at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from biflow.config import FlowConfig
+
+
+def bench_images(n: int, channels: int, size: int, seed: int = 0):
+    """Fashion-MNIST when it is installed and fits the flow, else random uint8 images."""
+    import gzip
+
+    import numpy as np
+
+    src = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    if channels == 1 and size == 28 and src.exists():
+        with gzip.open(src) as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].copy()
+        with gzip.open(src.with_name("train-labels-idx1-ubyte.gz")) as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
+        if len(x) == n:
+            return x, y, "fashion-mnist"
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8), rng.integers(0, 10, n),
+            "random")
+
+
+def plain_loop(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_all, window: int, windows: int,
+                threads: int, seed: int = 0) -> dict:
+    """The single-process baseline: the same per-step work as ``train_loop`` (forward_loss,
+    backward, clipping, AdamW, LR schedule, EMA) on ``global_batch`` images, without
+    Ray, DeepSpeed or collectives. Returns samples/s of each timed window."""
+    from biflow.losses import forward_loss
+    from biflow.models import TARFlow
+    from biflow.ema import EMA
+    from biflow.train.engine import build_optimizer, warmup_cosine
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = TARFlow(flow_cfg)
+        opt = build_optimizer(model, optim_cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim_cfg, window * (windows + 1)))
+        ema = EMA(model, optim_cfg.ema_decay)
+        gen = torch.Generator().manual_seed(seed)
+        x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
+        rates = []
+        for _ in range(windows + 1):
+            t0 = time.perf_counter()
+            for _ in range(window):
+                idx = torch.randint(0, len(x_all), (global_batch,), generator=gen)
+                x = x_all[idx].float().div_(127.5).sub_(1.0)
+                loss, _ = forward_loss(model, x, y_all[idx], flow_cfg, generator=gen)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                ema.update()
+            rates.append(window * global_batch / (time.perf_counter() - t0))
+        return {"warmup_samples_per_s": rates[0], "window_samples_per_s": rates[1:]}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def plain_loop_main() -> None:
+    """``python -c`` entry of :func:`plain_loop_subprocess`: JSON args on stdin, JSON result on stdout."""
+    import sys
+
+    from biflow.config import OptimConfig, from_dict
+
+    a = json.loads(sys.stdin.read())
+    flow = from_dict(FlowConfig, a["flow"], "flow")
+    optim = from_dict(OptimConfig, a["optim"], "optim")
+    x, y, _ = bench_images(a["images"], flow.channels, flow.image_size)
+    res = plain_loop(flow, optim, a["global_batch"], x, y, a["window"], a["windows"], a["threads"], a["seed"])
+    res["torch_threads"] = torch.get_num_threads()
+    print("BENCH_JSON " + json.dumps(res), flush=True)
+
+
+def plain_loop_subprocess(flow: FlowConfig, optim, global_batch: int, images: int, window: int, windows: int,
+                           threads: int, seed: int = 0) -> dict:
+    """Run :func:`plain_loop` in a fresh process with ``threads`` torch threads.
+
+    A fresh process lets OpenMP read ``OMP_WAIT_POLICY=PASSIVE`` at start: on a
+    shared, oversubscribed machine the default spin-waiting at every parallel
+    region made a 2-thread loop 20-40x slower than a 1-thread one (measured),
+    which would flatter any comparison against it."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = {"flow": dataclasses.asdict(flow), "optim": dataclasses.asdict(optim), "global_batch": global_batch,
+            "images": images, "window": window, "windows": windows, "threads": threads, "seed": seed}
+    proc = subprocess.run([sys.executable, "-c", "from biflow.bench.baseline import plain_loop_main; plain_loop_main()"],
+                          input=json.dumps(args), capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"plain training loop failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    res = json.loads(lines[-1][len("BENCH_JSON "):])
+    res.update(threads=threads, omp_wait_policy=env["OMP_WAIT_POLICY"])
+    return res
+
