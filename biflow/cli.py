@@ -83,16 +83,19 @@ def recipe(
     path: Path = typer.Argument(..., help="Recipe YAML, e.g. jobs/eval/fashion-mnist.yaml."),
     out: Optional[Path] = typer.Option(None, help="Where shards, runs and results go (default runs/<name>)."),
     workers: int = typer.Option(0, help="Ray Train workers per stage (0 = the recipe's)."),
-    set_: Optional[List[str]] = SetOption,
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a job key of both stages (train.steps=100) or, prefixed with recipe., a "
+                            "recipe key (recipe.evaluate.num_samples=64, recipe.dataset.limit=512). Repeatable."),
     num_samples: int = typer.Option(0, help="Samples per sampler for FID (0 = the recipe's)."),
     check: bool = typer.Option(False, "--check", help="Exit 1 when a goal of the recipe is not met."),
 ) -> None:
     """Dataset -> forward flow -> reverse model -> evaluation, with the recipe's goals checked."""
-    from biflow.recipe import load_recipe, run_recipe
+    from biflow.recipe import load_recipe, run_recipe, split_overrides
 
-    spec = load_recipe(path)
+    recipe_over, job_over = split_overrides(set_)
+    spec = load_recipe(path, recipe_over)
     ev = {"num_samples": num_samples, "num_eval_images": num_samples} if num_samples else None
-    results = run_recipe(spec, out, workers=workers or None, overrides=set_, evaluate_opts=ev)
+    results = run_recipe(spec, out, workers=workers or None, overrides=job_over, evaluate_opts=ev)
     if check and not all(g["met"] for g in results["goals"].values()):
         raise typer.Exit(1)
 

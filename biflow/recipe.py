@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from biflow.config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml
+from biflow.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, read_yaml
 from biflow.errors import UserError
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
@@ -30,6 +30,7 @@ class DatasetSpec:
     format: Literal["fashion-mnist", "imagenet", "folder"] = "fashion-mnist"
     source: str = ""  # "" = the format's default location (Debian's Fashion-MNIST)
     image_size: int = 0  # 0 = the format's native size
+    limit: int = 0  # records per split (0 = all): a class-mixed prefix, for toy runs
 
 
 @dataclass
@@ -87,9 +88,19 @@ class Recipe:
         return self.stage_configs(out, workers, overrides)[("forward", "reverse").index(stage)]
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """A recipe YAML, strictly checked; its job files must exist."""
-    data = read_yaml(path, "recipe")
+RECIPE_PREFIX = "recipe."
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """``--set`` items into (recipe overrides, job overrides): ``recipe.evaluate.num_samples=64``
+    sets a recipe field; anything else (``train.steps=10``) overrides both stage jobs."""
+    own = [o[len(RECIPE_PREFIX):] for o in overrides or [] if o.startswith(RECIPE_PREFIX)]
+    return own, [o for o in overrides or [] if not o.startswith(RECIPE_PREFIX)]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe YAML, strictly checked, with ``overrides`` (KEY=VALUE, recipe keys); its job files must exist."""
+    data = apply_overrides(read_yaml(path, "recipe"), overrides)
     recipe: Recipe = from_dict(Recipe, {**data, "path": str(Path(path).resolve())})
     for stage in ("forward", "reverse"):
         spec = getattr(recipe, stage)
@@ -131,7 +142,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     ds = recipe.dataset
     log(f"[1/4] {ds.format} -> parquet shards in {fwd_cfg.data.uri}")
     t = time.time()
-    prepare_data(ds.source, fwd_cfg.data.uri, ds.format, image_size=ds.image_size)
+    prepare_data(ds.source, fwd_cfg.data.uri, ds.format, image_size=ds.image_size, limit=ds.limit)
     timings["data_s"] = time.time() - t
 
     log(f"[2/4] stage 1: forward flow (TARFlow) {fwd_cfg.name}, {workers} Ray Train workers")
