@@ -27,7 +27,7 @@ UV_LINKS = $(foreach d,$(FIND_LINKS),--find-links $(d))
 # The lock is compiled for the cluster's platform, whatever machine runs `make lock`.
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: install lock dataset quickstart test test-slow test-faults bench clean
+.PHONY: install lock dataset quickstart test test-slow test-faults bench device-check clean
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -82,6 +82,15 @@ test-faults: install dataset
 
 bench: install dataset
 	$(BIN)/biflow bench all
+
+# The prepared GPU check (biflow/bench/device.py): CUDA tests, 50-step smoke training (bf16,
+# NCCL, ZeRO-2 under Ray Train), B/2 sampling at batch 256, B/2 forward MFU -> docs/.
+# Runs on the device machine's own Python (its torch sees the GPU; steps whose packages
+# are missing there are skipped and recorded); DEVICE_ARGS=--cpu is the dry mode.
+DEVICE_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+DEVICE_ARGS ?=
+device-check:
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m biflow.bench.device $(DEVICE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

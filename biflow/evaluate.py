@@ -271,7 +271,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     uri_tag = hashlib.sha256(ref_cfg.uri.encode()).hexdigest()[:8]
     ref = reference_stats(f"{dataset}-{uri_tag}", ref_cfg.eval_split, ref_x[: opts.num_samples],
                           count=min(opts.num_samples, len(ref_x)), image_size=side, batch_size=opts.batch_size)
-    latent_data = to_dict_data(data_cfg) if codec is not None else None
+    latent_data = dataclasses.asdict(data_cfg) if codec is not None else None  # workers rebuild the codec
     samplers = ["biflow", "exact"] if rev is not None else ["exact"]
     for w in opts.guidance:
         for sampler in samplers:
@@ -313,9 +313,3 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     (out / "results.json").write_text(json.dumps(results, indent=2))
     log(f"wrote {out / 'results.json'}")
     return results
-
-
-def to_dict_data(data_cfg) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(data_cfg)

@@ -169,17 +169,5 @@ def test_random_resized_crops_are_paired_and_seeded():
     assert not torch.allclose(a[0], a[1])  # boxes differ across samples
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (make device-check)")
-@pytest.mark.cuda
-def test_crops_with_a_cuda_generator():
-    x = torch.rand(4, 3, 32, 32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    from biflow.perceptual import paired_random_crop
-
-    a, b = paired_random_crop(x, x, 0.875, g)
-    c, d = paired_random_resized_crop(x, x, 0.875, 75, g)
-    assert a.is_cuda and c.shape == (4, 3, 75, 75)
-
-
 def test_data_config_autoencoder_field():
     assert DataConfig().autoencoder == ""
