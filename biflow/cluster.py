@@ -149,3 +149,80 @@ def render(terraform_output: str | Path, out_dir: str | Path, provider: str = "a
               f"{Path(terraform_output).name}. Start with: ray up {target}\n")
     target.write_text(header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100))
     return target
+
+
+# ---------------------------------------------------------------------------
+# The same fleet, simulated on one machine (Ray's fake multi-node provider)
+# ---------------------------------------------------------------------------
+
+# Ray's accelerator_type names (ray.util.accelerators) of the GPUs in the AWS instance families used
+# by cluster/aws.yaml. A real GPU node advertises ``accelerator_type:<name>``; a simulated one does too.
+ACCELERATOR_BY_INSTANCE_FAMILY = {"g5": "A10G", "p4d": "A100", "p4de": "A100", "p5": "H100", "p5e": "H200",
+                                  "g6": "L4", "g6e": "L40S"}
+SIM_GPU = "sim_gpu"  # the custom resource that stands in for GPUs in the simulation
+
+
+def fake_node_types(template: str | Path | None = None, *, cpu_divisor: float = 16.0, max_cpus: int = 0,
+                    max_workers: int = 0, gpu_resource: str = SIM_GPU,
+                    object_store_memory: int = 100 * 1024**2) -> dict[str, dict[str, Any]]:
+    """The worker node types of a launcher YAML (default ``cluster/aws.yaml``) for Ray's
+    fake multi-node provider: the same names, priorities and marker resources, with
+
+    - ``min_workers: 0`` (the simulation starts from an empty fleet),
+    - ``GPU: n`` replaced by ``{gpu_resource}: n`` plus ``accelerator_type:<type>: 1`` from
+      the instance type (what Ray puts on a real GPU node), so jobs ask for them with
+      ``ray.resources_per_worker`` / ``ray.accelerator_type`` and the autoscaler picks the type,
+    - CPUs divided by ``cpu_divisor`` (at least 1; at most ``max_cpus`` when given) to fit one machine,
+    - ``max_workers`` capped when given, and a small object store per node.
+
+    Placeholders in the template are left alone: node_config is not used by the fake provider."""
+    path = Path(template) if template else default_template_dir() / "aws.yaml"
+    config = yaml.safe_load(path.read_text())
+    head = config.get("head_node_type")
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in config["available_node_types"].items():
+        if name == head:
+            continue
+        resources = dict(spec.get("resources") or {})
+        cpus = max(1, int(resources.pop("CPU", 0) // cpu_divisor))
+        if max_cpus:
+            cpus = min(cpus, max_cpus)
+        sim: dict[str, Any] = {"CPU": cpus}
+        gpus = resources.pop("GPU", 0)
+        if gpus:
+            sim[gpu_resource] = gpus
+            family = str((spec.get("node_config") or {}).get("InstanceType", "")).split(".")[0]
+            if family in ACCELERATOR_BY_INSTANCE_FAMILY:
+                sim[f"accelerator_type:{ACCELERATOR_BY_INSTANCE_FAMILY[family]}"] = 1
+        sim.update(resources)  # custom marker resources stay as they are
+        sim["object_store_memory"] = object_store_memory
+        node_max = int(spec.get("max_workers", config.get("max_workers", 1)))
+        out[name] = {"resources": sim, "node_config": {}, "min_workers": 0,
+                     "max_workers": min(node_max, max_workers) if max_workers else node_max}
+        if "priority" in spec:
+            out[name]["priority"] = spec["priority"]
+    return out
+
+
+def fake_autoscaling_config(node_types: dict[str, dict[str, Any]], gcs_address: str, *,
+                            head_resources: dict[str, float] | None = None, max_workers: int = 0,
+                            idle_timeout_minutes: float = 0.1, upscaling_speed: float = 1.0) -> dict[str, Any]:
+    """An autoscaling config for ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``
+    (what ``ray.cluster_utils.AutoscalingCluster`` writes), whose fake nodes join the head at
+    ``gcs_address`` (not the default port 6379, which another Ray instance may hold)."""
+    types = {**node_types, "ray.head.default": {"resources": dict(head_resources or {"CPU": 0}), "node_config": {},
+                                                "max_workers": 0}}
+    return {
+        "cluster_name": "fake-multinode",
+        "max_workers": max_workers or sum(t.get("max_workers", 0) for t in node_types.values()),
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "upscaling_speed": upscaling_speed,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
