@@ -134,6 +134,14 @@ class ReverseConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
 
+    def check_flow(self, flow: FlowConfig, flow_source: str = "") -> None:
+        """One reverse segment per forward block: ``depth >= flow.num_blocks``.
+        Checked where the flow is known (its checkpoint, or the model's constructor)."""
+        if self.depth < flow.num_blocks:
+            raise ConfigError(f"reverse.depth={self.depth} must be >= flow.num_blocks={flow.num_blocks}"
+                              f"{' of ' + flow_source if flow_source else ''}: every forward block needs at "
+                              f"least one reverse layer to align with")
+
 
 # ---------------------------------------------------------------------------
 # Size registry (DiT-like names). Patch size is the suffix: "B/2".
@@ -195,6 +203,10 @@ class DataConfig:
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer; 0 = file order only
     prefetch_batches: int = 2
 
+    def validate(self, path: str = "data") -> None:
+        _ranges(path, [("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0 (0 = file order only)"),
+                       ("prefetch_batches", self.prefetch_batches >= 0, ">= 0")], self)
+
 
 @dataclass
 class OptimConfig:
@@ -205,6 +217,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.999
+
+    def validate(self, path: str = "optim") -> None:
+        # a negative lr or decay would otherwise fail inside every worker, or train backwards
+        _ranges(path, [("lr", self.lr > 0, "> 0"),
+                       ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                       ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                       ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables)"),
+                       ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
+                       ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                       ("betas", all(0 <= b < 1 for b in self.betas), "in [0, 1)")], self)
 
 
 @dataclass
@@ -227,6 +249,7 @@ class TrainConfig:
         _positive(self, path, "steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage={self.zero_stage}: allowed values are 0, 1, 2, 3")
+        _ranges(path, [("sample_every", self.sample_every >= 0, ">= 0 (0 disables)")], self)
 
 
 @dataclass
@@ -242,6 +265,12 @@ class RayConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     accelerator_type: str = ""  # Ray accelerator type of the worker GPUs, e.g. A100, H100 ("" = any)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def validate(self, path: str = "ray") -> None:
+        if self.workers < 1:
+            raise ConfigError(f"{path}.workers must be >= 1, got {self.workers}")
+        _ranges(path, [("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
+                       ("max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited")], self)
 
 
 @dataclass
@@ -260,9 +289,10 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         self.flow.validate("flow")
         self.reverse.validate("reverse")
+        self.data.validate("data")
+        self.optim.validate("optim")
         self.train.validate("train")
-        if self.ray.workers < 1:
-            raise ConfigError(f"ray.workers must be >= 1, got {self.ray.workers}")
+        self.ray.validate("ray")
         return self
 
 
@@ -283,6 +313,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"yes", "no"} <= set(allowed):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare yes/no as a boolean
         if value not in allowed:
             raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
         return value
@@ -374,16 +406,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_key(data: dict[str, Any], keys: list[str], value: Any, item: str = "") -> None:
+    """``data[k0][k1]... = value``, making the sections on the way."""
+    node = data
+    for part in keys[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item or '.'.join(keys)!r}: {part!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for item in overrides or []:
         keys, value = parse_override(item)
-        node = data
-        for part in keys[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[keys[-1]] = value
+        set_key(data, keys, value, item)
     return data
 
 
@@ -437,6 +474,14 @@ def _positive(cfg: Any, path: str, *names: str) -> None:
         value = getattr(cfg, name)
         if value <= 0:
             raise ConfigError(f"{path}.{name} must be > 0, got {value}")
+
+
+def _ranges(path: str, rules: list[tuple[str, bool, str]], cfg: Any) -> None:
+    """``rules``: (field, holds, rule in words); the first broken one raises ``path.field=value: must be rule``."""
+    for name, ok, rule in rules:
+        if not ok:
+            value = getattr(cfg, name)
+            raise ConfigError(f"{path}.{name}={list(value) if isinstance(value, tuple) else value}: must be {rule}")
 
 
 def _unit_interval(cfg: Any, path: str, *names: str) -> None:

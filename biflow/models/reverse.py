@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from biflow.config import ConfigError, FlowConfig, ReverseConfig
+from biflow.config import FlowConfig, ReverseConfig
 from biflow.models.layers import (
     AdaLNLayer,
     AdaLNOutput,
@@ -57,11 +57,7 @@ class ReverseModel(nn.Module):
     def __init__(self, cfg: ReverseConfig, flow_cfg: FlowConfig):
         super().__init__()
         cfg.validate("reverse")
-        if cfg.depth < flow_cfg.num_blocks:
-            raise ConfigError(
-                f"reverse.depth={cfg.depth} must be >= flow.num_blocks={flow_cfg.num_blocks}: "
-                "every forward block needs at least one reverse layer to align with"
-            )
+        cfg.check_flow(flow_cfg)
         self.config = cfg
         self.flow_config = flow_cfg
         w, d, n = cfg.width, flow_cfg.token_dim, flow_cfg.num_tokens

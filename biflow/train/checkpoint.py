@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from biflow.config import ExperimentConfig
+from biflow.config import ConfigError, ExperimentConfig
 from biflow.data import storage
 from biflow.errors import UserError
 
@@ -188,6 +188,15 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
             return CheckpointRef(fs, storage.join(path, name), _join_uri(uri, name), step)
     raise UserError(f"{key}={ref!r}: no checkpoint found (looked in {', '.join(looked)}); "
                     f"train the forward stage first, or give a run name under the run storage or a checkpoint URI")
+
+
+def check_world_size(saved: Any, workers: int, run_uri: str) -> None:
+    """ZeRO state (partitioned optimizer and parameters) only loads at the world
+    size it was written with: the one rule, checked on the driver before workers
+    start and again by the worker that restores."""
+    if saved != workers:
+        raise ConfigError(f"ray.workers={workers}: run {run_uri} was checkpointed with {saved} workers and ZeRO "
+                          f"state only resumes at the same world size; use --workers {saved} or a new --name")
 
 
 def latest_checkpoint(run_uri: str, endpoint: str = "", region: str = "") -> CheckpointRef | None:

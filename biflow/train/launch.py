@@ -15,6 +15,8 @@ from typing import Any
 from biflow.config import ConfigError, ExperimentConfig, FlowConfig, from_dict, to_dict
 from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
+from biflow.train.callbacks import Callbacks
+from biflow.train.callbacks import resolve as resolve_callbacks
 from biflow.train.loop import RunInfo, train_loop
 
 WORKER_ENV = {
@@ -53,9 +55,6 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
     cfg.validate()
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name={cfg.name!r}: a run name must be non-empty and contain no '/'")
-    if cfg.train.keep_checkpoints < 1:
-        raise ConfigError("train.keep_checkpoints must be >= 1")
-    _check_ranges(cfg)
     run = RunInfo(name=cfg.name, storage=cfg.ray.storage, endpoint=cfg.ray.storage_endpoint)
     storage_mod.resolve(run.storage, run.endpoint, run.region)  # bucket exists, URI is well formed
 
@@ -70,9 +69,7 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
                               f"{meta.get('stage')!r} checkpoint; the reverse stage needs a forward-stage one")
         cfg.flow = from_dict(FlowConfig, meta["config"]["flow"], "flow")  # the flow as it was trained
         run.forward_checkpoint = ref.uri
-        if cfg.reverse.depth < cfg.flow.num_blocks:
-            raise ConfigError(f"reverse.depth={cfg.reverse.depth} must be >= flow.num_blocks={cfg.flow.num_blocks} "
-                              f"of the forward checkpoint (one reverse segment per flow block)")
+        cfg.reverse.check_flow(cfg.flow, "the forward checkpoint")
 
     latest = ckpt_io.latest_checkpoint(run.uri, run.endpoint, run.region)
     if latest is not None:
@@ -80,10 +77,7 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
         if meta.get("stage", cfg.stage) != cfg.stage:
             raise ConfigError(f"name={cfg.name!r}: run {run.uri} holds {meta['stage']!r} checkpoints; "
                               f"choose another --name for the {cfg.stage} stage")
-        if meta.get("world_size") != cfg.ray.workers:
-            raise ConfigError(f"ray.workers={cfg.ray.workers}: run {run.uri} was checkpointed with "
-                              f"{meta.get('world_size')} workers and ZeRO state only resumes at the same "
-                              f"world size; use --workers {meta.get('world_size')} or a new --name")
+        ckpt_io.check_world_size(meta.get("world_size"), cfg.ray.workers, run.uri)
     ckpt_io.clear_diverged(run.uri, run.endpoint, run.region)  # rerunning a stopped run is a deliberate retry
     return cfg, run
 
@@ -104,34 +98,9 @@ def check_data(cfg: ExperimentConfig) -> None:
         check_latent_setup(manifest, cfg.flow.channels, cfg.flow.image_size, cfg.data.autoencoder)
 
 
-def _check_ranges(cfg: ExperimentConfig) -> None:
-    """Ranges the config classes do not check (optim, data, ray): a negative lr or
-    shuffle buffer would otherwise fail inside every worker, or train backwards."""
-    o, d, r, t = cfg.optim, cfg.data, cfg.ray, cfg.train
-    checks = [
-        ("optim.lr", o.lr, o.lr > 0, "> 0"),
-        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
-        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 disables)"),
-        ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay <= 1, "in [0, 1]"),
-        ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "in [0, 1)"),
-        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer >= 0, ">= 0 (0 = file order only)"),
-        ("data.prefetch_batches", d.prefetch_batches, d.prefetch_batches >= 0, ">= 0"),
-        ("train.sample_every", t.sample_every, t.sample_every >= 0, ">= 0 (0 disables)"),
-        ("ray.cpus_per_worker", r.cpus_per_worker, r.cpus_per_worker > 0, "> 0"),
-        ("ray.max_failures", r.max_failures, r.max_failures >= -1, ">= 0, or -1 for unlimited"),
-    ]
-    for key, value, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value}: must be {rule}")
-
-
 def init_ray(address: str | None, cfg: ExperimentConfig | None = None, cpus_needed: float | None = None) -> None:
     """Connect to a cluster (``--address`` / RAY_ADDRESS) or start a small local instance
     with room for ``cpus_needed`` (default: the config's workers) plus Ray Data readers."""
-    import socket
-
     import ray
 
     if ray.is_initialized():
@@ -148,12 +117,11 @@ def init_ray(address: str | None, cfg: ExperimentConfig | None = None, cpus_need
         cpus_needed = cfg.ray.workers * cfg.ray.cpus_per_worker if cfg else 1
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2)
     # The dashboard serves the state API that Ray Train's placement-group cleaner uses to free
-    # the CPUs of stopped worker groups. Loopback only, on a free port (8265 may be taken).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # the CPUs of stopped worker groups. Loopback only; port 0: the dashboard binds a port the OS
+    # picks and publishes it to the GCS (8265 may be taken, and a guessed free port can be taken
+    # by another process before the dashboard binds it).
     ray.init(address="local", num_cpus=cpus, object_store_memory=512 * 1024**2, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, log_to_driver=True)
+             dashboard_host="127.0.0.1", dashboard_port=0, runtime_env=runtime_env, log_to_driver=True)
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
@@ -167,8 +135,10 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
 
 
 def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] | None = None,
-                  hooks: dict[str, Any] | None = None):
-    """The TorchTrainer for a prepared config (Ray must be initialised)."""
+                  callbacks: Callbacks | None = None, report_callbacks: list | None = None):
+    """The TorchTrainer for a prepared config (Ray must be initialised). ``callbacks``
+    go to the loop on every worker; ``report_callbacks`` are Ray Train callbacks of
+    the driver (e.g. Tune's, which forward every report to a trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -197,8 +167,9 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env},
+        callbacks=list(report_callbacks or []) or None,
     )
-    loop_config = {"experiment": to_dict(cfg), "run": vars(run).copy(), "hooks": dict(hooks or {}),
+    loop_config = {"experiment": to_dict(cfg), "run": vars(run).copy(), "callbacks": callbacks or Callbacks(),
                    "data_stats": stats}
     return TorchTrainer(
         train_loop,
@@ -214,28 +185,34 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
 
 def fit(cfg: ExperimentConfig, name: str | None = None, storage: str | None = None, address: str | None = None,
         *, workers: int | None = None, datasets: dict[str, Any] | None = None,
-        hooks: dict[str, Any] | None = None):
+        callbacks: Callbacks | None = None, hooks: dict[str, Any] | None = None,
+        report_callbacks: list | None = None, failure_prefix: str = ""):
     """Train one stage. Rerunning with the same name and storage resumes.
 
     ``datasets`` replaces the Ray Data dataset built from ``cfg.data`` (tests,
-    notebooks); ``hooks`` are test hooks passed to the loop. Returns Ray's
+    notebooks). ``callbacks`` (:class:`biflow.train.callbacks.Callbacks`) are
+    called by the loop; ``hooks`` is the fault tests' shorthand for a
+    :class:`~biflow.train.callbacks.FaultInjection`. ``report_callbacks`` are Ray
+    Train callbacks of the driver (a Tune trial forwards reports with one);
+    ``failure_prefix`` starts the message of a failed run. Returns Ray's
     ``Result`` (``.checkpoint``, ``.metrics``, ``.path``).
     """
     from ray.train import TrainingFailedError
 
+    loop_callbacks = resolve_callbacks(callbacks, hooks)
     cfg, run = prepare(cfg, name, storage, workers)
     if datasets is None:
         check_data(cfg)
     init_ray(address, cfg)
-    trainer = build_trainer(cfg, run, datasets, hooks)
+    trainer = build_trainer(cfg, run, datasets, loop_callbacks, report_callbacks)
     try:
         return trainer.fit()
     except TrainingFailedError as exc:
-        raise TrainingFailed(f"{cfg.stage} run {run.name!r} failed: {_worker_message(exc)} "
+        raise TrainingFailed(f"{failure_prefix}{cfg.stage} run {run.name!r} failed: {worker_message(exc)} "
                              f"(checkpoints and logs under {run.uri})") from exc
 
 
-def _worker_message(exc: BaseException) -> str:
+def worker_message(exc: BaseException) -> str:
     """The most useful line of a Ray Train failure: the worker's own exception."""
     failures = getattr(exc, "worker_failures", None) or {}
     for err in failures.values():

@@ -11,11 +11,10 @@ Read it top to bottom in :func:`train_loop`:
    every ``sample_every``: a sample grid, every ``checkpoint_every`` and at the
    end: a checkpoint reported by every rank.
 
-``train_loop_config`` is ``{"experiment": to_dict(cfg), "run": {...}, "hooks": {...}}``:
+``train_loop_config`` is ``{"experiment": to_dict(cfg), "run": {...}, "callbacks": Callbacks}``:
 ``run`` carries the run name, storage URI and the resolved forward checkpoint;
-``hooks`` are test hooks (``nan_at_steps``: a list of step numbers, each entry
-makes one attempt at that step produce a NaN loss; ``kill_at_steps`` /
-``kill_in_checkpoint``: SIGKILL a worker, see :class:`KillHook`).
+``callbacks`` (:mod:`biflow.train.callbacks`) are called at fixed points of the
+loop (the fault tests inject NaNs and kill workers through them).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from biflow.config import ExperimentConfig, load_config, to_dict
 from biflow.ema import EMA
 from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
+from biflow.train.callbacks import Callbacks
 from biflow.train.engine import (Engine, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
                                  world_size)
 
@@ -296,7 +296,7 @@ def _batches(cfg: ExperimentConfig, state: TrainState) -> Iterator[tuple[int, in
 
 def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
                     metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None,
-                    kill: Any = None) -> None:
+                    callbacks: Callbacks | None = None) -> None:
     """Collective: every rank saves engine state to a local dir and reports it."""
     import ray.train
 
@@ -311,8 +311,8 @@ def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: Experiment
                 "data_position": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "samples_seen": state.samples_seen}}
         ckpt_io.write_rank0_files(directory, ema_full, meta)
-    if kill is not None:
-        kill("save", state.step)
+    if callbacks is not None:
+        callbacks.on_checkpoint_phase("save", state.step)
     ray.train.report({**metrics, "step": state.step, "skipped_steps": state.skipped_steps},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=ckpt_io.checkpoint_dir_name(state.step),
@@ -321,8 +321,8 @@ def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: Experiment
     # upload, then mark the checkpoint complete (a partial one is never "latest").
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if kill is not None:
-        kill("commit", state.step)
+    if callbacks is not None:
+        callbacks.on_checkpoint_phase("commit", state.step)
     if rank() == 0:
         from biflow.data import storage
 
@@ -361,11 +361,7 @@ def restore(engine: Engine, ema: EMA, checkpoint: Any) -> TrainState:
 
     with checkpoint.as_directory() as directory:
         meta = json.loads((Path(directory) / ckpt_io.METADATA).read_text())
-        if meta.get("world_size", world_size()) != world_size():
-            raise RuntimeError(
-                f"the checkpoint in this run was written by {meta['world_size']} workers but this run has "
-                f"{world_size()}; ZeRO state only loads at the same world size: set ray.workers="
-                f"{meta['world_size']}, or start a new run name")
+        ckpt_io.check_world_size(meta.get("world_size", world_size()), world_size(), meta.get("run", "?"))
         client = engine.load(directory)
         ema.load_full_state_dict(load_file(str(Path(directory) / ckpt_io.EMA_FILE)))
     state = TrainState(**client["biflow"])
@@ -378,62 +374,13 @@ def restore(engine: Engine, ema: EMA, checkpoint: Any) -> TrainState:
 # ---------------------------------------------------------------------------
 
 
-class KillHook:
-    """Test hook: SIGKILL this worker process at chosen points, each once across restarts.
-
-    ``hooks["kill_at_steps"]``: ``[[step, rank], ...]`` kills that rank right after
-    optimizer step ``step`` (before its log line and checkpoint);
-    ``hooks["kill_in_checkpoint"]``: ``[[step, rank, phase], ...]`` kills that rank
-    inside ``save_checkpoint`` at ``step``: phase ``"save"`` after its engine state
-    is written locally and before it is reported, ``"commit"`` after every rank's
-    upload and before the commit marker. ``hooks["marker_dir"]`` (required) holds one marker file per
-    kill, so a restarted worker passing the same point again does not die again.
-    """
-
-    def __init__(self, hooks: dict[str, Any]):
-        self.marker_dir = hooks.get("marker_dir")
-        self.points = {("step", int(s), int(r)) for s, r in hooks.get("kill_at_steps") or []}
-        for s, r, phase in hooks.get("kill_in_checkpoint") or []:
-            if phase not in ("save", "commit"):
-                raise ValueError(f"kill_in_checkpoint phase {phase!r}: use 'save' or 'commit'")
-            self.points.add((phase, int(s), int(r)))
-        if self.points and not self.marker_dir:
-            raise ValueError("kill hooks need hooks['marker_dir']")
-
-    def __call__(self, point: str, step: int) -> None:
-        if (point, step, rank()) not in self.points:
-            return
-        import os
-        import signal
-
-        marker = Path(self.marker_dir) / f"killed-{point}-{step}-rank{rank()}"
-        if marker.exists():
-            return
-        marker.write_text(str(time.time()))
-        print(f"[hook] SIGKILL rank {rank()} (pid {os.getpid()}) at {point} {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class NanInjector:
-    """Test hook: each listed step number makes one attempt at that step NaN."""
-
-    def __init__(self, steps: list[int] | None):
-        self.remaining = collections.Counter(steps or [])
-
-    def fire(self, step: int) -> bool:
-        if self.remaining[step] > 0:
-            self.remaining[step] -= 1
-            return True
-        return False
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function for both stages."""
     import ray.train
 
     cfg: ExperimentConfig = load_config(config["experiment"])
     run = RunInfo(**config.get("run", {}))
-    hooks = config.get("hooks", {}) or {}
+    callbacks: Callbacks = config.get("callbacks") or Callbacks()
     stopped = ckpt_io.diverged(run.uri, run.endpoint, run.region)
     if stopped:  # a FailureConfig restart after a divergence would only diverge again
         raise TrainingDiverged(f"{stopped} (not restarted)")
@@ -463,8 +410,6 @@ def train_loop(config: dict[str, Any]) -> None:
         f"device {device.type}, batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
 
     logger = Logger(run, cfg.stage, total, enabled=is_rank0)
-    nan_injector = NanInjector(hooks.get("nan_at_steps"))
-    kill = KillHook(hooks)
     batches = _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
@@ -500,8 +445,7 @@ def train_loop(config: dict[str, Any]) -> None:
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
             with engine.accumulate(), engine.autocast():
                 loss, metrics = stage.loss(engine.model, x, y, generator)
-            if nan_injector.fire(state.step + 1):
-                loss = loss * float("nan")
+            loss = callbacks.corrupt_loss(state.step + 1, loss)
             if any_rank(not bool(torch.isfinite(loss).item()), device):
                 del loss  # drop the graph: no backward, no update, nothing accumulated
                 bad_step("non-finite loss")
@@ -524,7 +468,7 @@ def train_loop(config: dict[str, Any]) -> None:
         window["grad_norm"] += engine.last_grad_norm
 
         step = state.step
-        kill("step", step)
+        callbacks.on_step(step)
         log_now = step % cfg.train.log_every == 0 or step == total
         if log_now:
             elapsed = time.perf_counter() - window_start - window_pause
@@ -559,7 +503,8 @@ def train_loop(config: dict[str, Any]) -> None:
         ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
         if ckpt_now:  # before sampling: a grid that fails can never cost committed work
             save_checkpoint(engine, ema, state, cfg, run,
-                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full, kill=kill)
+                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full,
+                            callbacks=callbacks)
         if sample_now and is_rank0:
             sample_grid(stage, ema_full, sample_labels, cfg.train.seed, step, logger)
         if ckpt_now:
