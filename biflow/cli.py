@@ -276,6 +276,7 @@ def _flow_train_step(batch_size: int):
         import torch
 
         from biflow.config import FlowConfig
+        from biflow.losses import forward_loss
         from biflow.models import TARFlow
     except ImportError:
         return None, ""
@@ -284,9 +285,7 @@ def _flow_train_step(batch_size: int):
     opt = torch.optim.AdamW(flow.parameters(), 3e-4)
 
     def step(x, y):
-        x = x + cfg.noise_std * torch.randn_like(x)
-        out = flow(x, y)
-        loss = (0.5 * out.z.pow(2).flatten(1).sum(1) - out.logdet).mean() / cfg.num_dims
+        loss, _ = forward_loss(flow, x, y, cfg)  # the training objective: noise, label drop, NLL per dim
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,16 +11,13 @@ scalar tensor to backpropagate, the metrics are plain floats for logging.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from biflow.config import FlowConfig, ReverseConfig
-from biflow.models.tarflow import FlowOutput
-
-LOG_2PI = math.log(2 * math.pi)
+from biflow.models.tarflow import LOG_2PI, FlowOutput, log_likelihood  # noqa: F401 (LOG_2PI re-exported)
 
 
 # ---------------------------------------------------------------------------
@@ -30,9 +27,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 def nll_per_dim(out: FlowOutput) -> Tensor:
     """Negative log-likelihood in nats per dimension, (B,), Gaussian constant included."""
-    z = out.z.to(out.logdet.dtype).flatten(1)
-    d = z.shape[1]
-    return (0.5 * (z**2).sum(1) + 0.5 * d * LOG_2PI - out.logdet) / d
+    return -log_likelihood(out) / out.z[0].numel()
 
 
 def bits_per_dim(nll_nats_per_dim: Tensor | float) -> Tensor | float:
@@ -159,6 +154,8 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
         perc = perceptual_distance(feature_net, img_hat, img, crop=rcfg.perceptual.crop, generator=generator)
         total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, eps)
     loss = total.mean()
+    from biflow.metrics import psnr
+
     with torch.no_grad():
         metrics = {
             "loss": loss.item(),
@@ -166,12 +163,8 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
             "align_first": align_terms[-1].mean().item(),  # the deepest state x^(B-1)
             "align_last": align_terms[0].mean().item(),  # x^0, the noisy image
             "denoise_mse": mse.mean().item(),
-            "psnr": psnr_from_mse(mse).mean().item(),
+            "psnr": psnr(x_hat, x).item(),
         }
         if perc is not None:
             metrics["perceptual"] = perc.mean().item()
     return loss, metrics
-
-
-def psnr_from_mse(mse: Tensor, data_range: float = 2.0) -> Tensor:
-    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))

@@ -13,6 +13,7 @@ log-det math runs in at least fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,17 @@ class FlowOutput:
     z: Tensor  # (B, C, H, W), same shape as x
     logdet: Tensor  # (B,), natural log, fp32 or wider
     states: list[Tensor]  # [x^0 .. x^B], each (B, C, H, W); x^0 = input, x^B = z
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_likelihood(out: FlowOutput) -> Tensor:
+    """log p(x) in nats, (B,), of a flow output: the standard normal prior of ``z``
+    (Gaussian constant included) plus the log-det. The NLL of training and
+    evaluation (:func:`biflow.losses.nll_per_dim`) is this, negated, per dimension."""
+    z = out.z.to(out.logdet.dtype).flatten(1)
+    return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * LOG_2PI + out.logdet
 
 
 def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -181,9 +193,7 @@ class TARFlow(nn.Module):
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x) in nats, (B,): standard normal prior plus the log-det."""
-        out = self.forward(x, y)
-        z = out.z.to(out.logdet.dtype).flatten(1)
-        return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * _LOG_2PI + out.logdet
+        return log_likelihood(self.forward(x, y))
 
     def _check(self, x: Tensor) -> None:
         c = self.config
@@ -191,5 +201,3 @@ class TARFlow(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"TARFlow expects (B, {c.channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}")
 
-
-_LOG_2PI = 1.8378770664093453
