@@ -9,8 +9,8 @@ The loop only talks to :class:`Engine`:
 
 Both engines use the same optimizer (torch AdamW), the same warmup + cosine
 schedule and the same clipping, so they can be compared step for step
-(``biflow bench train``). Ray appears nowhere here: the process group is the
-one Ray Train created.
+(``biflow bench train``). The process group is the one Ray Train created; Ray
+itself appears only in :func:`resolve_device` (the GPU Ray Train assigned).
 
 The EMA of the weights lives in :mod:`biflow.ema` (ZeRO-3 aware: each rank
 averages its own partition, so it costs 1/world of the model per rank).
