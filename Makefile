@@ -27,7 +27,8 @@ UV_LINKS = $(foreach d,$(FIND_LINKS),--find-links $(d))
 # The lock is compiled for the cluster's platform, whatever machine runs `make lock`.
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: install lock dataset quickstart test test-slow test-faults bench device-check clean
+.PHONY: install lock dataset quickstart test test-unit test-integration test-faults test-jobs test-nodes test-slow \
+        bench device-check clean
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -71,14 +72,16 @@ dataset:
 quickstart: install dataset
 	$(BIN)/biflow quickstart
 
+# Every tier but slow, in one process (pyproject's addopts: -m 'not slow').
 test: install dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# One tier each (a later -m replaces addopts' 'not slow', so it is repeated here).
+test-unit test-integration test-faults test-jobs test-nodes: test-%: install dataset
+	$(BIN)/python -m pytest -m '$* and not slow' $(PYTEST_ARGS)
+
 test-slow: install dataset
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
-
-test-faults: install dataset
-	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 bench: install dataset
 	$(BIN)/biflow bench all

@@ -29,9 +29,23 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Only for servers that cannot pick their
+    own port and read it back (``ray start``): their callers retry on a conflict."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_RESERVED: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port that refuses connections for the whole session: bound by
+    this process and never listened on, so no other process can take it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _RESERVED.append(s)
+    return s.getsockname()[1]
 
 
 @dataclass
@@ -53,20 +67,11 @@ class S3Server:
         return name
 
 
-def start_moto(port: int | None = None) -> tuple[subprocess.Popen, int]:
-    port = port or free_port()
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
+def start_moto() -> tuple[subprocess.Popen, int]:
+    """A moto S3 server on a port it picks itself (``-p 0``), read back from its log."""
+    from biflow.bench.data import start_moto_server
+
+    return start_moto_server()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,12 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from biflow.cli import app
+
+
+pytestmark = pytest.mark.integration
 
 
 def test_bench_sampling_writes_json_with_ratios(tmp_path):

@@ -14,6 +14,9 @@ import torch
 from biflow.bench import bench_train, flow_train_flops, gpu_bf16_peak, measure_mfu
 from biflow.config import FlowConfig
 
+pytestmark = pytest.mark.unit
+
+
 TINY = dict(image_size=8, channels=1, patch_size=4, width=8, depth=1, num_blocks=2, num_heads=2, num_classes=10)
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration
+
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"

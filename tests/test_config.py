@@ -3,6 +3,9 @@ import pytest
 from biflow.config import ConfigError, ExperimentConfig, FlowConfig, ReverseConfig, load_config, save_config
 
 
+pytestmark = pytest.mark.unit
+
+
 def test_unknown_key_names_full_path():
     with pytest.raises(ConfigError, match=r"unknown key 'reverse.perceptual.netwrk'.*network"):
         load_config({"reverse": {"perceptual": {"netwrk": "vgg"}}})

@@ -14,6 +14,9 @@ from biflow.config import DataConfig
 from biflow.data.pipeline import build_dataset, iter_split, iter_worker_batches, to_model_batch
 from biflow.data.shards import prepare_data
 
+pytestmark = pytest.mark.integration
+
+
 N = 2000
 
 

@@ -16,6 +16,9 @@ from biflow.data import storage
 from biflow.data.shards import prepare_data, read_manifest, verify_shards
 from biflow.errors import UserError
 
+pytestmark = pytest.mark.integration
+
+
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 PER_CLASS = 6
 

@@ -11,6 +11,9 @@ from biflow.data import storage
 from biflow.errors import UserError
 
 
+pytestmark = pytest.mark.integration
+
+
 def test_local_path_and_file_uri(tmp_path):
     fs, path = storage.resolve(str(tmp_path / "a"))
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "a")

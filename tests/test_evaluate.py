@@ -11,6 +11,9 @@ from biflow.config import load_config, to_dict
 from biflow.models import ReverseModel, TARFlow
 from biflow.train.checkpoint import checkpoint_dir_name, write_rank0_files
 
+pytestmark = pytest.mark.integration
+
+
 FLOW = dict(image_size=28, channels=1, patch_size=7, width=16, depth=1, num_blocks=2, num_heads=2, num_classes=10)
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.faults
 
@@ -47,7 +46,7 @@ class S3Proxy:
 
     def __init__(self, target_port: int):
         self.target = target_port
-        self.port = free_port()
+        self.port = 0  # picked by the OS at the first start(), then kept across outages
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.server: socket.socket | None = None
@@ -56,6 +55,7 @@ class S3Proxy:
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", self.port))
+        self.port = srv.getsockname()[1]
         srv.listen(64)
         self.server = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()

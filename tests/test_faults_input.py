@@ -19,7 +19,7 @@ import ray.job_submission  # noqa: F401  imported here, not first inside CliRunn
 from typer.testing import CliRunner
 
 from biflow.cli import app
-from tests.conftest import free_port, start_moto
+from tests.conftest import refused_port, start_moto
 
 pytestmark = pytest.mark.faults
 
@@ -75,7 +75,7 @@ def bad_run(tmp_path):
 
 
 def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str) -> list[tuple[str, list[str], list[str]]]:
-    refused = f"http://127.0.0.1:{free_port()}"
+    refused = f"http://127.0.0.1:{refused_port()}"
     data = str(tmp / "nodata")
     return [
         ("unknown key", ["train", "forward", "-c", FWD, "--set", "train.stepz=3"], ["unknown key 'train.stepz'"]),

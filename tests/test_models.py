@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from biflow.config import FlowConfig, ReverseConfig
-from biflow.losses import bits_per_dim, cfg_combine, forward_loss, nll_per_dim, reverse_loss
+from biflow.losses import bits_per_dim, cfg_combine, nll_per_dim, reverse_loss
 from biflow.models import ReverseModel, TARFlow
 from biflow.models.layers import patchify, unpatchify
 from biflow.ema import EMA
 from biflow.sampling import inpaint, sample_biflow, sample_exact, tweedie_denoise
+
+pytestmark = pytest.mark.unit
+
 
 TINY = dict(image_size=8, channels=2, patch_size=2, width=32, depth=2, num_blocks=4, num_heads=4, num_classes=5)
 
@@ -153,25 +156,6 @@ def test_cpu_bf16_autocast_states_and_inverse_match_fp32():
     assert (flow.inverse(ref.z, y) - x).abs().max().item() < 1e-4  # the fp32 inverse is exact
 
 
-def test_flow_loss_falls_on_fixed_batch():
-    torch.manual_seed(0)
-    cfg = FlowConfig(**TINY)
-    flow = TARFlow(cfg)
-    x, y = data(16)
-    x = 0.5 * torch.tanh(x)  # data-like range, not N(0, I): there is something to learn
-    opt = torch.optim.AdamW(flow.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(60):
-        loss, metrics = forward_loss(flow, x, y, cfg, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-    assert set(metrics) >= {"loss", "bpd", "nll", "logdet_per_dim"}
-
-
 def tiny_pair(**rev_kw):
     flow = tiny_flow()
     for p in flow.parameters():
@@ -189,30 +173,6 @@ def test_reverse_shapes_and_segments():
     assert rev.bounds == [1, 2, 3, 4]
     flow2, rev2, _ = tiny_pair(conditioning="tokens")
     assert rev2(flow2(x, y).z, y, guidance=0.5).x.shape == x.shape
-
-
-def test_reverse_overfits_tiny_batch_reconstruction_10x():
-    flow, rev, rcfg = tiny_pair(adaptive_p=0.0)
-    fcfg = flow.config
-    fcfg.noise_std, fcfg.label_drop = 0.0, 0.0
-    x, y = data(8)
-    x = 0.5 * torch.tanh(x)
-    z = flow(x, y).z
-
-    def recon_error():
-        with torch.no_grad():
-            return (rev(z, y).x - x).pow(2).mean().item()
-
-    before = recon_error()
-    opt = torch.optim.AdamW(rev.parameters(), lr=2e-3)
-    for _ in range(150):
-        loss, metrics = reverse_loss(rev, flow, x, y, rcfg, fcfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = recon_error()
-    assert after < before / 10, (before, after)
-    assert {"align", "denoise_mse", "psnr"} <= set(metrics)
 
 
 def test_training_cfg_with_w_zero_is_conditional_target():

@@ -22,6 +22,9 @@ from biflow.perceptual import (
 )
 
 
+pytestmark = pytest.mark.unit
+
+
 def smooth_images(n: int, size: int = 28, channels: int = 1, seed: int = 0) -> torch.Tensor:
     """Blobby images in [-1, 1]: low-frequency structure, like real pictures."""
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,9 @@ import pytest
 from biflow.cli import app
 
 
+pytestmark = pytest.mark.integration
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end_short(tmp_path, fashion_mnist_dir):
     from typer.testing import CliRunner

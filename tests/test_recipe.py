@@ -7,6 +7,9 @@ import pytest
 from biflow.config import ConfigError
 from biflow.recipe import Goals, check_goals, load_recipe
 
+pytestmark = pytest.mark.unit
+
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "jobs" / "eval").glob("*.yaml"))
 

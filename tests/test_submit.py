@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.integration
+
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,28 +22,40 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
-    port, dash = free_port(), free_port()
     # RAY_ADDRESS (set by this process's own local Ray) would point the head's agent elsewhere
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs run `python` from this venv
-    # own process group, so the whole head (gcs, raylet, dashboard) is stopped without `ray stop`,
-    # which would stop every Ray instance on the machine
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=4", "--object-store-memory=200000000",
-                             "--disable-usage-stats", "--block"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dash}"
     import urllib.request
 
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except Exception as exc:  # 401 means the server is up and enforcing auth
-            if "401" in str(exc):
+    # `ray start` cannot pick its ports and report them: guessed free ports, retried when
+    # another process took one first (the head then exits)
+    for _attempt in range(3):
+        port, dash = free_port(), free_port()
+        # own process group, so the whole head (gcs, raylet, dashboard) is stopped without `ray stop`,
+        # which would stop every Ray instance on the machine
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dash}", "--num-cpus=4", "--object-store-memory=200000000",
+                                 "--disable-usage-stats", "--block"],
+                                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        up = False
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                up = True
                 break
-            time.sleep(1)
+            except Exception as exc:  # 401 means the server is up and enforcing auth
+                if "401" in str(exc):
+                    up = True
+                    break
+                time.sleep(1)
+        if up:
+            break
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     yield address, token
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)

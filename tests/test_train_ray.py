@@ -22,6 +22,9 @@ from biflow.data import storage
 from biflow.train import TrainingFailed, fit
 from biflow.train import checkpoint as ckpt_io
 
+pytestmark = pytest.mark.integration
+
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

@@ -17,6 +17,9 @@ from biflow.train import launch
 from biflow.ema import EMA
 from biflow.train.engine import DDPEngine, deepspeed_config, warmup_cosine
 
+pytestmark = pytest.mark.integration
+
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 

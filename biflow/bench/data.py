@@ -15,6 +15,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -34,27 +35,38 @@ from biflow.errors import UserError
 BENCH_BUCKET = "biflow-bench"
 
 
+def start_moto_server(timeout_s: float = 30.0) -> tuple[subprocess.Popen, int]:
+    """``moto_server`` on loopback on a port it picks itself (``-p 0``), read back
+    from the address it logs: no free-port guess that another process can take."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if not exe:
+        raise UserError("a local S3 server needs moto: pip install 'moto[server]' (in biflow[test])")
+    # the log goes to a file, not a pipe: the server logs every request and would block on a full pipe
+    log = tempfile.NamedTemporaryFile(prefix="biflow-moto-", suffix=".log", delete=False)
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", "0"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text(errors="replace"))
+            if found:
+                port = int(found.group(1))
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        return proc, port
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        proc.kill()
+        raise UserError(f"moto_server did not start: {Path(log.name).read_text(errors='replace')[-500:]}")
+    finally:
+        os.unlink(log.name)
+
+
 def start_local_s3() -> tuple[subprocess.Popen, str]:
     """A moto S3 server on loopback, with throwaway credentials in this process's
     environment (Ray started afterwards inherits them)."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if not exe:
-        raise UserError("bench data needs a local S3 server: pip install 'moto[server]' (in biflow[test])")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise UserError("moto_server did not start")
+    proc, port = start_moto_server()
     for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
         os.environ.setdefault(key, value)
