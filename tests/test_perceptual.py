@@ -22,7 +22,7 @@ from biflow.perceptual import (
 )
 
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # the feature networks (FID-Inception on CPU): tens of seconds per test
 
 
 def smooth_images(n: int, size: int = 28, channels: int = 1, seed: int = 0) -> torch.Tensor:
