@@ -187,9 +187,14 @@ def test_local_ray_dashboard_is_loopback_only_and_auth_is_never_disabled(monkeyp
     assert "runtime_env" not in calls[1]  # the cluster's (or the submitted job's) own environment applies
     assert "RAY_AUTH_MODE" not in launch.worker_env() and "RAY_AUTH_MODE" not in calls[1]
     # cluster configs keep token auth on every node (their dashboards are reached by tunnel only)
-    for name in ("cluster/aws.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"):
-        text = REPO.joinpath(name).read_text()
-        assert "RAY_AUTH_MODE=token" in text or re.search(r"name: RAY_AUTH_MODE\s+value: token", text), name
+    assert "RAY_AUTH_MODE=token" in REPO.joinpath("cluster/aws.yaml").read_text()
+    # KubeRay: the operator turns token auth on for head, workers and autoscaler (spec.authOptions)
+    import yaml
+
+    cluster = yaml.safe_load(REPO.joinpath("cluster/kuberay/raycluster.yaml").read_text())
+    job = yaml.safe_load(REPO.joinpath("cluster/kuberay/rayjob.yaml").read_text())
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
     for path in [*REPO.joinpath("cluster").rglob("*"), *REPO.joinpath("infra").rglob("*"),
                  *REPO.joinpath("jobs").rglob("*")]:
         if path.is_file() and path.suffix in (".yaml", ".yml", ".tf", ".py", ".sh", ".json", ".tpl", ".j2"):
