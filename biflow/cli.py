@@ -333,11 +333,40 @@ def submit(
     set_: Optional[List[str]] = SetOption,
     follow: bool = typer.Option(True, help="Follow the job's logs until it ends."),
     upload_code: bool = typer.Option(True, help="Ship the local biflow package with the job (py_modules)."),
+    entrypoint_num_cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the job's driver."),
+    entrypoint_num_gpus: Optional[float] = typer.Option(None, help="GPUs reserved for the job's driver."),
+    entrypoint_resources: str = typer.Option("", help='Custom resources of the driver, JSON: \'{"head": 1}\'.'),
+    runtime_env: str = typer.Option("", help="Extra runtime_env: a YAML/JSON file or an inline JSON mapping "
+                                             "(env_vars are merged key by key)."),
 ) -> None:
-    """Submit a training job to a Ray cluster (token auth from RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
+    """Submit a training job to a Ray cluster (token auth from RAY_AUTH_TOKEN or ~/.ray/auth_token).
+
+    The submission id derives from the run's storage and name: resubmitting a running run reports it."""
     from biflow.submit import submit as run_submit
 
-    run_submit(job, address, set_, follow=follow, upload_code=upload_code, log=typer.echo)
+    run_submit(job, address, set_, follow=follow, upload_code=upload_code, log=typer.echo,
+               entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+               entrypoint_resources=_mapping_option("--entrypoint-resources", entrypoint_resources),
+               runtime_env=_mapping_option("--runtime-env", runtime_env))
+
+
+def _mapping_option(flag: str, value: str) -> dict | None:
+    """A mapping given inline (JSON/YAML) or as a YAML/JSON file path; errors name the flag."""
+    import yaml
+
+    from biflow.errors import UserError
+
+    if not value:
+        return None
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{flag}: not valid JSON/YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{flag}: expected a mapping (or a file holding one), got {value!r}")
+    return data
 
 
 @app.command("tune")

@@ -252,3 +252,18 @@ def test_plain_ray_job_submit_equivalent_runs_biflow_train(ray_head, tmp_path):
     # `biflow submit` of the same run after that job ended (a resume) takes the next id, never a used one
     again = _submit_py(address, token, tmp_path, overrides=[], entrypoint_resources={"biflow_test_never": 1})
     assert again["id"] == f"{sid}-r2" and again["status"] == "PENDING"
+
+
+def test_cli_submit_rejects_a_bad_runtime_env_or_resources_before_contacting_the_cluster(tmp_path):
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "smoke-forward.yaml"
+    bad = CliRunner().invoke(app, ["submit", str(job), "--address", "http://127.0.0.1:9", "--runtime-env", "[1, 2]"])
+    assert bad.exit_code == 2 and "--runtime-env: expected a mapping" in bad.output
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("- not a mapping\n")
+    bad = CliRunner().invoke(app, ["submit", str(job), "--address", "http://127.0.0.1:9",
+                                   "--entrypoint-resources", str(env_file)])
+    assert bad.exit_code == 2 and "--entrypoint-resources: expected a mapping" in bad.output
