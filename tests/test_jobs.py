@@ -6,6 +6,8 @@ import pytest
 
 from biflow.config import FlowConfig, load_config
 
+pytestmark = pytest.mark.unit
+
 JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
 
 

@@ -147,7 +147,16 @@ def search_args(path: Path, data: jobdata.JobData, storage: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", SEARCHES, ids=lambda p: p.stem)
 def test_search_runs(path, data, tmp_path):
-    cli(*search_args(path, data, tmp_path))
+    """Each search is its own `biflow tune` process with its own local Ray, as a user runs it: the
+    worker groups of trials that ASHA stops are freed by that Ray, not left in the tests' shared one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "biflow.cli", *map(str, search_args(path, data, tmp_path))],
+                          cwd=JOBS_DIR.parent, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"biflow tune exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
     results = tmp_path / path.stem / "results"
     trials = json.loads((results / "trials.json").read_text())
     assert len(trials) == 2 and any(t["status"] == "completed" for t in trials), trials

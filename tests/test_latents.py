@@ -20,7 +20,7 @@ from biflow.perceptual import build_feature_net, paired_random_resized_crop
 from biflow.sampling import inpaint_images
 from tests import jobdata
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # a VAE and the FID-Inception at 75 px: ~30 s
 
 FLOW = dict(image_size=32, channels=4, patch_size=4, width=32, depth=1, num_blocks=2, num_heads=2, num_classes=4)
 
