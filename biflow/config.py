@@ -47,8 +47,10 @@ class FlowConfig:
     num_classes: int = 10  # 0 = unconditional
     label_drop: float = 0.1  # p of replacing the label with the null class
     noise_std: float = 0.1  # sigma of training noise augmentation (pixels in [-1, 1])
-    alpha_soft_clip: float = 4.0  # alpha <- c * tanh(alpha / c); 0 disables
-    clip: float = 8.0  # norm control: clamp mu, alpha to [-clip, clip]; 0 disables
+    # Norm control: mu <- c * tanh(mu / c) and alpha <- c * tanh(alpha / c) with c = clip, so both
+    # block outputs stay inside (-clip, clip) (STARFlow's soft clip, 4, extended to mu); 0 disables.
+    clip: float = 4.0
+    alpha_soft_clip: float = 0.0  # an extra soft clip on alpha alone (older configs used 4 with clip 8)
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> "FlowConfig":
@@ -108,14 +110,22 @@ class ReverseConfig:
     denoise_depth: int = 1  # layers of the learned denoising block at the end
     conditioning: Literal["adaln", "tokens"] = "adaln"
     # loss weights
-    align_weight: float = 1.0  # hidden alignment, summed over segments
+    align_weight: float = 1.0  # hidden alignment, one term per segment
+    align_reduce: Literal["sum", "mean"] = "sum"  # over the B segments: the paper's sum, or their mean
     denoise_weight: float = 1.0  # MSE of the clean prediction vs clean x
     perceptual_weight: float = 0.0  # perceptual distance of the clean prediction
-    norm_control: bool = True  # normalise each alignment term by the target's RMS
+    norm_control: bool = True  # divide both sides of each alignment term by their own per-sample RMS
     adaptive_p: float = 1.0  # loss * sg((loss + eps) ^ -p); 0 disables
-    adaptive_eps: float = 0.01
-    # training-time guidance
-    guidance_max: float = 0.0  # w ~ U[0, guidance_max] in training; 0 disables
+    adaptive_eps: float = 0.01  # eps of the alignment terms
+    # eps of the output terms (MSE, perceptual): below it the log-like weighting stops, so
+    # 1e-3 lets the MSE keep pulling up to ~36 dB PSNR ([-1, 1] data); 0.01 stops at ~26 dB
+    output_eps: float = 1e-3
+    # training-time guidance: per conditional row w = 0 with probability guidance_p_zero, else
+    # w = guidance_max * u ** guidance_shape (u ~ U[0, 1]); null-label rows always get w = 0
+    guidance_max: float = 0.0  # 0 disables
+    guidance_p_zero: float = 0.5  # mass at w = 0, where PSNR and the w = 0 FID are measured
+    guidance_shape: float = 1.0  # 1: uniform on [0, guidance_max]; > 1: denser near 0
+    guidance_warmup_steps: int = 0  # warm start: guidance_max ramps up from 0 over these steps
     guidance_mix: Literal["all", "output"] = "all"  # CFG target on every aligned state or output only
     guidance_grad_uncond: bool = False  # backprop through the unconditional stream
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
@@ -130,9 +140,14 @@ class ReverseConfig:
             raise ConfigError(f"{path}.num_heads={self.num_heads} does not divide {path}.width={self.width}")
         if self.denoise_depth < 0:
             raise ConfigError(f"{path}.denoise_depth must be >= 0, got {self.denoise_depth}")
-        for name in ("align_weight", "denoise_weight", "perceptual_weight", "adaptive_p", "adaptive_eps", "guidance_max"):
+        for name in ("align_weight", "denoise_weight", "perceptual_weight", "adaptive_p", "adaptive_eps",
+                     "output_eps", "guidance_max", "guidance_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.guidance_p_zero <= 1:
+            raise ConfigError(f"{path}.guidance_p_zero must be in [0, 1], got {self.guidance_p_zero}")
+        if self.guidance_shape <= 0:
+            raise ConfigError(f"{path}.guidance_shape must be > 0, got {self.guidance_shape}")
 
     def check_flow(self, flow: FlowConfig, flow_source: str = "") -> None:
         """One reverse segment per forward block: ``depth >= flow.num_blocks``.

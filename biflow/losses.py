@@ -79,13 +79,23 @@ def adaptive_weight(per_sample: Tensor, p: float, eps: float) -> Tensor:
     return per_sample * (per_sample.detach() + eps).pow(-p)
 
 
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return x.pow(2).flatten(1).mean(1).add(eps).sqrt().reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: float = 1e-6) -> Tensor:
-    """Per-sample MSE; with norm control, divided by the target's mean square
-    (a stop-gradient per-sample RMS normalisation) so every depth counts alike."""
-    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    """Per-sample MSE between a projected hidden state and its forward-trajectory target.
+
+    With norm control both sides are divided by their own per-sample RMS first (the
+    prediction's RMS keeps its gradient), so the term compares directions and every
+    depth counts alike, whatever the scale of its state. Dividing the error by a
+    stop-gradient constant instead would be undone by the adaptive weight (p = 1): only
+    normalising the prediction itself changes the gradient.
+    """
+    pred, target = pred.float(), target.detach().float()
     if norm_control:
-        err = err / (target.detach().float().pow(2).flatten(1).mean(1) + eps)
-    return err
+        pred, target = pred / _rms(pred, eps), target / _rms(target, eps)
+    return (pred - target).pow(2).flatten(1).mean(1)
 
 
 def cfg_combine(guided: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
@@ -95,19 +105,33 @@ def cfg_combine(guided: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
     return (guided + w * uncond) / (1 + w)
 
 
+def guidance_ceiling(rcfg: ReverseConfig, step: int | None) -> float:
+    """w_max at a training step: ramped linearly from 0 over ``guidance_warmup_steps``
+    (the warm start), then ``guidance_max``. ``step=None`` means after the warm start."""
+    if rcfg.guidance_warmup_steps <= 0 or step is None:
+        return rcfg.guidance_max
+    return rcfg.guidance_max * min(1.0, step / rcfg.guidance_warmup_steps)
+
+
 def sample_guidance(y: Tensor | None, w_max: float, num_classes: int, batch: int, device: torch.device,
-                    generator: torch.Generator | None = None) -> Tensor:
-    """w ~ U[0, w_max] for conditional rows; 0 for null-class (unconditional) rows."""
+                    generator: torch.Generator | None = None, p_zero: float = 0.0, shape: float = 1.0) -> Tensor:
+    """Training guidance per row: 0 for null-class (unconditional) rows; for conditional rows
+    0 with probability ``p_zero``, else ``w_max * u ** shape`` with u ~ U[0, 1] (shape 1 is
+    uniform on [0, w_max]; shape > 1 puts more mass near 0)."""
     if w_max <= 0 or y is None:
         return torch.zeros(batch, device=device)
-    w = torch.rand(batch, device=device, generator=generator) * w_max
+    u = torch.rand(batch, device=device, generator=generator)
+    w = w_max * u.pow(shape)
+    if p_zero > 0:
+        w = torch.where(torch.rand(batch, device=device, generator=generator) < p_zero, torch.zeros_like(w), w)
     return torch.where(y == num_classes, torch.zeros_like(w), w)
 
 
 def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
                  feature_net: Callable | None = None,
                  generator: torch.Generator | None = None,
-                 decode: Callable[..., Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+                 decode: Callable[..., Tensor] | None = None,
+                 step: int | None = None) -> tuple[Tensor, dict[str, float]]:
     """Stage-2 objective for the reverse model G given a frozen forward flow F.
 
     Pairs are made on the fly: x_noisy = x + sigma * eps, and F's trajectory
@@ -118,6 +142,10 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
     latents to images for the perceptual term, with gradients through the frozen
     decoder. The frozen flow always runs in fp32, outside any autocast: its
     trajectory is the target, and bf16 rounding would move it.
+
+    Training-time guidance draws w per row (:func:`sample_guidance`; ``step`` drives
+    the warm start) and runs the unconditional stream only on rows with w > 0: for the
+    others the CFG combination is the guided output itself.
     """
     b = x.shape[0]
     x_noisy = x + fcfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -125,24 +153,31 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         traj = flow(x_noisy.float(), y_in)
     z = traj.z.detach()
-    w = sample_guidance(y_in, rcfg.guidance_max, fcfg.num_classes, b, x.device, generator)
+    w_max = guidance_ceiling(rcfg, step)
+    w = sample_guidance(y_in, w_max, fcfg.num_classes, b, x.device, generator,
+                        p_zero=rcfg.guidance_p_zero, shape=rcfg.guidance_shape)
     out = rev(z, y_in, guidance=w)
     preds, x_hat = out.states, out.x
 
-    guided = rcfg.guidance_max > 0 and y_in is not None
-    if guided:
-        null = torch.full_like(y_in, fcfg.num_classes)
+    rows = (w > 0).nonzero().flatten() if y_in is not None else w.new_zeros(0, dtype=torch.long)
+    if rows.numel():
+        null = torch.full_like(y_in[rows], fcfg.num_classes)
         with torch.set_grad_enabled(rcfg.guidance_grad_uncond and torch.is_grad_enabled()):
-            unc = rev(z, null, guidance=torch.zeros_like(w))
+            unc = rev(z[rows], null, guidance=torch.zeros_like(w[rows]))
+
+        def combine(full: Tensor, part: Tensor) -> Tensor:  # CFG on the guided rows, the rest unchanged
+            return full.index_copy(0, rows, cfg_combine(full[rows], part, w[rows]))
+
         if rcfg.guidance_mix == "all":
-            preds = [cfg_combine(p, u, w) for p, u in zip(preds, unc.states)]
-        x_hat = cfg_combine(x_hat, unc.x, w)
+            preds = [combine(p, u) for p, u in zip(preds, unc.states)]
+        x_hat = combine(x_hat, unc.x)
 
     p, eps = rcfg.adaptive_p, rcfg.adaptive_eps
     align_terms = [alignment_distance(pred, traj.states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
-    align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms]).mean(0)
+    align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms])
+    align = align.sum(0) if rcfg.align_reduce == "sum" else align.mean(0)
     mse = (x_hat.float() - x.float()).pow(2).flatten(1).mean(1)
-    total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, eps)
+    total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, rcfg.output_eps)
     perc = None
     if feature_net is not None and rcfg.perceptual_weight > 0:
         from biflow.perceptual import perceptual_distance
@@ -152,7 +187,7 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
             img_hat = decode(x_hat, grad=True, clamp=False)
             img = decode(x, grad=False)
         perc = perceptual_distance(feature_net, img_hat, img, crop=rcfg.perceptual.crop, generator=generator)
-        total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, eps)
+        total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, rcfg.output_eps)
     loss = total.mean()
     from biflow.metrics import psnr
 
@@ -164,6 +199,7 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
             "align_last": align_terms[0].mean().item(),  # x^0, the noisy image
             "denoise_mse": mse.mean().item(),
             "psnr": psnr(x_hat, x).item(),
+            "guided_rows": float(rows.numel()) / b,
         }
         if perc is not None:
             metrics["perceptual"] = perc.mean().item()

@@ -226,3 +226,85 @@ def test_size_registry_parameter_counts(size, target_flow, target_rev):
     rev_params = sum(p.numel() for p in ReverseModel(ReverseConfig.from_size(size), fcfg).parameters())
     assert abs(flow_params / target_flow - 1) < 0.10, flow_params
     assert abs(rev_params / target_rev - 1) < 0.10, rev_params
+
+
+# --- issue 15: norm control that binds, the guidance distribution, the alignment sum ------------
+
+
+def _grad(rev, flow, x, y, rcfg):
+    rev.zero_grad()
+    loss, _ = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=torch.Generator().manual_seed(3))
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in rev.parameters() if p.grad is not None])
+
+
+def test_reverse_norm_control_changes_the_gradient():
+    flow, rev, rcfg = tiny_pair()
+    randomise(rev, std=0.05, seed=4)
+    x, y = data(8)
+    g_on = _grad(rev, flow, x, y, rcfg)
+    rcfg.norm_control = False
+    g_off = _grad(rev, flow, x, y, rcfg)
+    cos = torch.nn.functional.cosine_similarity(g_on, g_off, dim=0).item()
+    # dividing by a stop-gradient target RMS gave cos 0.9999998 (the adaptive weight undid it)
+    assert cos < 0.98, cos
+
+
+def test_forward_norm_control_bounds_mu_and_alpha():
+    flow = tiny_flow(clip=1.5)
+    x, y = data(4)
+    out = flow(x, y)  # the soft clip keeps the block exactly invertible
+    assert (flow.inverse(out.z, y) - x).abs().max().item() < 1e-4
+    with torch.no_grad():  # heads far larger than training ever makes them
+        for block in flow.blocks:
+            block.proj_out.weight.normal_(0, 5.0)
+    block = flow.blocks[0]
+    h = torch.randn(4, 16, TINY["width"]) * 10
+    mu, alpha = block.affine_params(h, torch.float32)
+    assert mu.abs().max() <= 1.5 and alpha.abs().max() <= 1.5 and mu.abs().max() > 1.0
+    logdet_on = flow(x, y).logdet
+    assert logdet_on.abs().max() <= 1.5 * x[0].numel()
+    flow.config.clip = 0.0  # the ablation switch: the same weights, unbounded
+    mu_off, alpha_off = block.affine_params(h, torch.float32)
+    assert mu_off.abs().max() > 5 * 1.5 and alpha_off.abs().max() > 5 * 1.5
+    assert not torch.allclose(flow(x, y).logdet, logdet_on)
+
+
+def test_guidance_distribution_mass_at_zero_shape_and_warm_start():
+    from biflow.losses import guidance_ceiling, sample_guidance
+
+    y = torch.zeros(20000, dtype=torch.long)
+    y[:2000] = 5  # null-class rows
+    g = torch.Generator().manual_seed(0)
+    w = sample_guidance(y, 2.0, 5, len(y), torch.device("cpu"), g, p_zero=0.5, shape=2.0)
+    assert (w[:2000] == 0).all()
+    cond = w[2000:]
+    assert (cond == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    # w = 2 u^2 on the rest: mean 2/3
+    assert cond[cond > 0].mean().item() == pytest.approx(2 / 3, abs=0.03) and cond.max() <= 2.0
+    rcfg = ReverseConfig(guidance_max=2.0, guidance_warmup_steps=100)
+    assert [guidance_ceiling(rcfg, s) for s in (0, 50, 100, 500)] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_unconditional_pass_runs_only_on_guided_rows():
+    flow, rev, rcfg = tiny_pair(guidance_max=2.0, guidance_p_zero=0.75)
+    x, y = data(16)
+    rows = []
+    rev.register_forward_hook(lambda m, args, kw, out: rows.append(args[0].shape[0]), with_kwargs=True)
+    _, metrics = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=torch.Generator().manual_seed(0))
+    assert rows[0] == 16 and len(rows) == 2 and 0 < rows[1] < 16
+    assert metrics["guided_rows"] == pytest.approx(rows[1] / 16)
+    rcfg.guidance_warmup_steps = 10  # at step 0 of the warm start nothing is guided
+    rows.clear()
+    reverse_loss(rev, flow, x, y, rcfg, flow.config, step=0)
+    assert rows == [16]
+
+
+def test_alignment_sum_is_num_blocks_times_mean():
+    flow, rev, rcfg = tiny_pair(denoise_weight=0.0)
+    x, y = data(4)
+    losses = {}
+    for reduce in ("sum", "mean"):
+        rcfg.align_reduce = reduce
+        losses[reduce], _ = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=torch.Generator().manual_seed(0))
+    assert losses["sum"].item() == pytest.approx(TINY["num_blocks"] * losses["mean"].item(), rel=1e-5)

@@ -77,14 +77,15 @@ class FlowBlock(nn.Module):
         return h if cond is None else h + cond
 
     def affine_params(self, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Hidden states -> (mu, alpha) with soft clip and norm-control clip."""
+        """Hidden states -> (mu, alpha), each bounded by the norm-control soft clip
+        c * tanh(. / c): smooth, so the bound binds without zeroing gradients."""
         mu, alpha = self.proj_out(self.norm(h)).to(dtype).chunk(2, dim=-1)
         c = self.cfg.alpha_soft_clip
         if c > 0:
             alpha = c * torch.tanh(alpha / c)
-        if self.cfg.clip > 0:
-            mu = mu.clamp(-self.cfg.clip, self.cfg.clip)
-            alpha = alpha.clamp(-self.cfg.clip, self.cfg.clip)
+        c = self.cfg.clip
+        if c > 0:
+            mu, alpha = c * torch.tanh(mu / c), c * torch.tanh(alpha / c)
         return mu, alpha
 
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:

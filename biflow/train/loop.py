@@ -101,7 +101,7 @@ class ForwardStage:
 
         return TARFlow(self.cfg.flow)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None):
         from biflow.losses import forward_loss
 
         return forward_loss(model, x, y, self.cfg.flow, generator=generator)
@@ -141,12 +141,12 @@ class ReverseStage(ForwardStage):
 
         return ReverseModel(self.cfg.reverse, self.flow_cfg)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None):
         from biflow.losses import reverse_loss
 
         decode = self.codec.decode if self.codec is not None else None
         return reverse_loss(model, self.flow, x.float(), y, self.cfg.reverse, self.flow_cfg,
-                            feature_net=self.feature_net, generator=generator, decode=decode)
+                            feature_net=self.feature_net, generator=generator, decode=decode, step=step)
 
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_biflow
@@ -444,7 +444,7 @@ def train_loop(config: dict[str, Any]) -> None:
             x = x.to(device, engine.input_dtype, non_blocking=True)
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
             with engine.accumulate(), engine.autocast():
-                loss, metrics = stage.loss(engine.model, x, y, generator)
+                loss, metrics = stage.loss(engine.model, x, y, generator, step=state.step)
             loss = callbacks.corrupt_loss(state.step + 1, loss)
             if any_rank(not bool(torch.isfinite(loss).item()), device):
                 del loss  # drop the graph: no backward, no update, nothing accumulated
