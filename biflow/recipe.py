@@ -41,17 +41,22 @@ class StageSpec:
 
 @dataclass
 class EvalSpec:
-    num_samples: int = 500  # samples per sampler and guidance for FID
+    num_samples: int = 500  # samples per sampler and guidance for FID and KID
+    num_reference: int = 10_000  # held-out images of the FID/KID reference (cached); 0 = the whole split
     num_eval_images: int = 500  # held-out images for bpd and reconstruction PSNR
     guidance: list[float] = field(default_factory=lambda: [0.0, 1.0])
     batch_size: int = 100
     timing_batch: int = 16
+    exact_annealed: bool = False  # the exact sampler ramps its guidance over the decode (ml-tarflow)
 
 
 @dataclass
 class Goals:
     fid_ratio_max: float = 0.0  # BiFlow FID / exact-inverse FID at every guidance; 0 = no goal
-    recon_psnr_min_db: float = 0.0  # PSNR of G(F(x)) vs x; 0 = no goal
+    kid_agrees: bool = False  # with fid_ratio_max: BiFlow's KID is below the exact inverse's too
+    recon_psnr_min_db: float = 0.0  # PSNR of G(F(x~)) vs x; 0 = no goal
+    biflow_fid_max: float = 0.0  # BiFlow FID at guidance biflow_fid_max_at; 0 = no goal
+    biflow_fid_max_at: float = 1.0
 
 
 @dataclass
@@ -158,7 +163,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     log("[4/4] evaluation: samples, FID, bits/dim, reconstruction, speed")
     t = time.time()
     opts = EvalOptions(num_samples=ev["num_samples"], num_eval_images=ev["num_eval_images"],
-                       guidance=list(ev["guidance"]), batch_size=ev["batch_size"], timing_batch=ev["timing_batch"])
+                       num_reference=ev["num_reference"], guidance=list(ev["guidance"]),
+                       batch_size=ev["batch_size"], timing_batch=ev["timing_batch"],
+                       exact_annealed=ev["exact_annealed"])
     results = evaluate(rev_cfg.name, out / "eval", opts, storage=rev_cfg.ray.storage, log=log)
     timings["eval_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
@@ -180,6 +187,14 @@ def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:
                 checked[f"fid_ratio@w={r['guidance']:g}"] = {
                     "value": r["fid_ratio_vs_exact"], "max": goals.fid_ratio_max,
                     "met": r["fid_ratio_vs_exact"] <= goals.fid_ratio_max}
+                if goals.kid_agrees and r.get("kid_ratio_vs_exact") is not None:
+                    checked[f"kid_ratio@w={r['guidance']:g}"] = {
+                        "value": r["kid_ratio_vs_exact"], "max": 1.0, "met": r["kid_ratio_vs_exact"] < 1.0}
+    if goals.biflow_fid_max > 0:
+        key = f"biflow@w={goals.biflow_fid_max_at:g}"
+        if key in results["samplers"]:
+            fid = results["samplers"][key]["fid"]
+            checked[f"fid@{key}"] = {"value": fid, "max": goals.biflow_fid_max, "met": fid <= goals.biflow_fid_max}
     if goals.recon_psnr_min_db > 0 and results.get("recon_psnr_db") is not None:
         checked["recon_psnr_db"] = {"value": results["recon_psnr_db"], "min": goals.recon_psnr_min_db,
                                     "met": results["recon_psnr_db"] >= goals.recon_psnr_min_db}
@@ -188,14 +203,26 @@ def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:
 
 def summary_table(results: dict[str, Any], storage: str, recipe: Recipe | None = None) -> str:
     title = recipe.description if recipe and recipe.description else "biflow results"
-    rows = [f"{'sampler':<22}{'FID':>9}{'ms/img':>10}"]
+    rows = [f"{'sampler':<22}{'FID':>9}{'KID x1e3':>15}{'ms/img':>10}"]
     for key, r in results["samplers"].items():
-        rows.append(f"{key:<22}{r['fid']:>9.2f}{r['ms_per_image']:>10.2f}")
+        kid = f"{1e3 * r['kid']:.2f}+-{1e3 * r['kid_se']:.2f}" if "kid" in r else "-"
+        rows.append(f"{key:<22}{r['fid']:>9.2f}{kid:>15}{r['ms_per_image']:>10.2f}")
+    if results.get("real_vs_real"):
+        floor = results["real_vs_real"]
+        kid = f"{1e3 * floor['kid']:.2f}+-{1e3 * floor['kid_se']:.2f}"
+        rows.append(f"{'real vs real (floor)':<22}{floor['fid']:>9.2f}{kid:>15}")
     t = results.get("timings", {})
-    lines = ["", f"{title} ({results['num_samples']} samples for FID)", "-" * 41, *rows, "-" * 41,
-             f"bits/dim (test, sigma={results['noise_std']:g})   {results['bpd']:.3f}"]
+    ref = f" vs {results['num_reference']} reference images" if results.get("num_reference") else ""
+    lines = ["", f"{title} ({results['num_samples']} samples for FID/KID{ref})", "-" * 56, *rows, "-" * 56,
+             f"bits/dim (test, sigma={results['noise_std']:g})   {results['bpd']:.3f}"
+             + (f" ({results['bpd_excess_over_floor']:.3f} over the noise floor)"
+                if results.get("bpd_excess_over_floor") is not None else "")]
+    if results.get("bpd_dequantized") is not None:
+        lines.append(f"bits/dim (uniform dequant.)  {results['bpd_dequantized']:.3f}")
     if results.get("recon_psnr_db") is not None:
-        lines.append(f"reconstruction PSNR G(F(x))  {results['recon_psnr_db']:.2f} dB")
+        lines.append(f"denoising PSNR G(F(x~)) vs x {results['recon_psnr_db']:.2f} dB")
+    if results.get("inversion_psnr_db") is not None:
+        lines.append(f"inversion PSNR G(F(x~)) vs x~ {results['inversion_psnr_db']:.2f} dB")
     for name, g in (results.get("goals") or {}).items():
         bound = f"<= {g['max']:g}" if "max" in g else f">= {g['min']:g}"
         lines.append(f"goal {name:<22} {g['value']:.3f} {bound}: {'met' if g['met'] else 'NOT met'}")

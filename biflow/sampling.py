@@ -49,16 +49,35 @@ def tweedie_denoise(flow: nn.Module, x_noisy: Tensor, y: Tensor | None, sigma: f
     return (x_noisy + sigma**2 * score).detach()
 
 
+def _bad_rows(x: Tensor) -> Tensor:
+    return (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten()
+
+
 @torch.no_grad()
 def sample_exact(flow: nn.Module, y: Tensor | None, guidance: float = 0.0, tweedie: bool = True,
                  num: int | None = None, z: Tensor | None = None, noise_std: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
-    """The exact inverse F^-1(z) (N-1 sequential steps per block), then Tweedie."""
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 annealed: bool = False, resample_tries: int = 3) -> Tensor:
+    """The exact inverse F^-1(z) (N-1 sequential steps per block), then Tweedie.
+
+    As in ml-tarflow's sampler, rows that come out non-finite (a guided decode can
+    overflow) are drawn again from fresh noise, up to ``resample_tries`` times; rows
+    still non-finite after that are left as they are, for the caller to see."""
     z = _draw_latents(flow, flow.config, y, num, z, generator)
-    x = flow.inverse(z, y, guidance=guidance, use_cache=use_cache)
-    if tweedie:
-        sigma = flow.config.noise_std if noise_std is None else noise_std
-        x = tweedie_denoise(flow, x, y, sigma)
+
+    def run(z_: Tensor, y_: Tensor | None) -> Tensor:
+        x_ = flow.inverse(z_, y_, guidance=guidance, use_cache=use_cache, annealed=annealed)
+        if tweedie:
+            x_ = tweedie_denoise(flow, x_, y_, flow.config.noise_std if noise_std is None else noise_std)
+        return x_
+
+    x = run(z, y)
+    for _ in range(resample_tries):
+        bad = _bad_rows(x)
+        if not bad.numel():
+            break
+        z_new = _prior((bad.numel(), *z.shape[1:]), z.device, z.dtype, generator)
+        x[bad] = run(z_new, None if y is None else y[bad])
     return x
 
 

@@ -40,8 +40,9 @@ def trained_pair(tmp_path_factory, fashion_mnist_dir, ray_local):
 def test_evaluate_writes_every_field(trained_pair, tmp_path):
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["evaluate", "t-reverse", "--storage", str(trained_pair), "--out", str(out),
-                                      "--num-samples", "24", "--batch-size", "12", "--guidance", "0",
-                                      "--guidance", "2"])
+                                      "--num-samples", "24", "--num-reference", "32", "--num-eval-images", "24",
+                                      "--batch-size", "12", "--guidance", "0", "--guidance", "2",
+                                      "--exact-annealed"])
     assert result.exit_code == 0, result.output[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["checkpoint"]["forward_step"] == 5 and res["checkpoint"]["reverse_step"] == 5
@@ -49,10 +50,21 @@ def test_evaluate_writes_every_field(trained_pair, tmp_path):
     assert res["num_samples"] == 24
     # an untrained flow is the identity: bpd of N(0, I) on noisy data in [-1, 1] is finite and large
     assert 5 < res["bpd"] < 15 and res["recon_psnr_db"] is not None
+    # 0.5 log(2 pi e 0.01) nats + log(128), in bits: the entropy of sigma = 0.1 noise on the 8-bit grid
+    assert res["bpd_noise_floor"] == pytest.approx(5.7252, abs=1e-3)
+    assert res["bpd_excess_over_floor"] == pytest.approx(res["bpd"] - res["bpd_noise_floor"])
+    assert res["bpd_excess_over_floor"] > 0 and 5 < res["bpd_dequantized"] < 15
+    assert res["denoise_psnr_db"] == res["recon_psnr_db"] and res["inversion_psnr_db"] is not None
+    assert res["num_reference"] == 32
+    floor = res["real_vs_real"]
+    assert floor["num"] == 24 and floor["split"] == "train" and floor["fid"] > 0 and floor["kid_se"] > 0
     assert set(res["samplers"]) == {"biflow@w=0", "exact@w=0", "biflow@w=2", "exact@w=2"}
     for key, r in res["samplers"].items():
-        assert {"fid", "ms_per_image", "grid", "guidance", "timing_batch"} <= set(r)
+        assert {"fid", "kid", "kid_se", "ms_per_image", "grid", "guidance", "timing_batch"} <= set(r)
         assert r["fid"] > 0 and r["ms_per_image"] > 0 and (out / r["grid"].split("/")[-1]).is_file()
+        assert r["annealed_guidance"] == (r["sampler"] == "exact")
+        # untrained models: their samples are further from the data than real images are
+        assert r["fid"] > floor["fid"] and r["kid"] > floor["kid"]
     b = res["samplers"]["biflow@w=0"]
     assert b["speedup_vs_exact"] == pytest.approx(res["samplers"]["exact@w=0"]["ms_per_image"] / b["ms_per_image"])
     assert res["machine"]["device"] == "cpu"

@@ -17,7 +17,9 @@ from biflow.metrics import (
     compute_fid,
     feature_stats,
     fid_from_features,
+    gaussian_noise_floor_nats,
     inception_features,
+    kid_from_features,
     reference_stats,
     reference_stats_path,
 )
@@ -116,3 +118,29 @@ def test_reference_stats_cached_per_split(tmp_path, fmnist):
     np.testing.assert_array_equal(loaded.mu, stats.mu)
 
 
+
+
+def test_kid_near_zero_for_one_distribution_and_large_for_noise(features):
+    same, se = kid_from_features(features["a"], features["b"], subsets=20, subset_size=64)
+    far, far_se = kid_from_features(features["a"], features["noise"], subsets=20, subset_size=32)
+    assert abs(same) < 4 * se + 1e-3, (same, se)  # unbiased: two halves of one split score ~0
+    assert far > 50 * max(abs(same), se) and far_se > 0
+    assert kid_from_features(features["a"], features["a"], subsets=5, subset_size=64, seed=1)[0] < 2e-3
+    with pytest.raises(ValueError, match="at least 2 features"):
+        kid_from_features(features["a"][:1], features["b"])
+
+
+def test_reference_cache_keeps_features_for_kid(tmp_path, fmnist):
+    kw = dict(count=8, image_size=28, cache_dir=tmp_path)
+    plain = reference_stats("fm", "test", fmnist[:8], **kw)
+    assert plain.features is None
+    kept = reference_stats("fm", "test", fmnist[:8], keep_features=True, **kw)  # the cache lacked them
+    assert kept.features.shape == (8, 2048) and kept.features.dtype == np.float32
+    again = reference_stats("fm", "test", lambda: pytest.fail("cache hit expected"), keep_features=True, **kw)
+    assert np.array_equal(again.features, kept.features) and np.allclose(again.mu, plain.mu)
+
+
+def test_gaussian_noise_floor():
+    assert gaussian_noise_floor_nats(0.1) == pytest.approx(0.5 * np.log(2 * np.pi * np.e * 0.01))
+    # the floor of x + sigma * eps in bits/dim on the 8-bit grid of [-1, 1] at sigma = 0.1: 5.725
+    assert (gaussian_noise_floor_nats(0.1) + np.log(128)) / np.log(2) == pytest.approx(5.7252, abs=1e-3)

@@ -308,3 +308,22 @@ def test_alignment_sum_is_num_blocks_times_mean():
         rcfg.align_reduce = reduce
         losses[reduce], _ = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=torch.Generator().manual_seed(0))
     assert losses["sum"].item() == pytest.approx(TINY["num_blocks"] * losses["mean"].item(), rel=1e-5)
+
+
+def test_exact_sampler_annealed_guidance_and_nan_resampling():
+    flow = tiny_flow()
+    x, y = data(3)
+    z = flow(x, y).z
+    plain = sample_exact(flow, y, guidance=1.5, z=z, tweedie=False)
+    annealed = sample_exact(flow, y, guidance=1.5, z=z, tweedie=False, annealed=True)
+    unguided = sample_exact(flow, y, guidance=0.0, z=z, tweedie=False)
+    assert not torch.allclose(annealed, plain) and not torch.allclose(annealed, unguided)
+    # annealed w is (t + 1) / (N - 1) * w: its first decode step is milder than the plain one
+    assert (annealed - unguided).abs().mean() < (plain - unguided).abs().mean()
+    z_bad = z.clone()
+    z_bad[1, 0, 0, 0] = float("nan")  # a row that decodes to NaN is drawn again
+    out = sample_exact(flow, y, z=z_bad, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[[0, 2]], sample_exact(flow, y, z=z)[[0, 2]], atol=1e-5)
+    kept = sample_exact(flow, y, z=z_bad, resample_tries=0)
+    assert not torch.isfinite(kept[1]).all() and torch.isfinite(kept[[0, 2]]).all()

@@ -109,12 +109,15 @@ class FlowBlock(nn.Module):
         return mu_c + guidance * (mu_c - mu_u), a_c + guidance * (a_c - a_u)
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, y: Tensor | None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None, guidance: float = 0.0, use_cache: bool = True,
+                annealed: bool = False) -> Tensor:
         """Exact inverse, decoding one token per step (N - 1 sequential steps).
 
         With ``use_cache`` each step runs one token through the transformer and
         attends over cached keys/values; without it every step recomputes the
-        whole prefix (the naive baseline, for tests and benchmarks).
+        whole prefix (the naive baseline, for tests and benchmarks). ``annealed``
+        guidance (ml-tarflow's option) ramps w linearly over the decode steps:
+        step t uses (t + 1) / (N - 1) * guidance, the full w only at the last token.
         """
         dtype = _affine_dtype(z.dtype)
         zp = self.permute(z).to(dtype)
@@ -148,7 +151,7 @@ class FlowBlock(nn.Module):
                 h = h[:, -1:]
             mu, alpha = self.affine_params(h, dtype)
             if cfg_on:
-                mu, alpha = self._mix(mu, alpha, guidance)
+                mu, alpha = self._mix(mu, alpha, guidance * (t + 1) / (n - 1) if annealed else guidance)
             x[:, t + 1] = zp[:, t + 1] * torch.exp(alpha[:, 0]) + mu[:, 0]
         return self.permute(x).to(z.dtype)
 
@@ -184,12 +187,13 @@ class TARFlow(nn.Module):
         return FlowOutput(z=states[-1], logdet=logdet, states=states)
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
-        """Exact inverse F^-1(z), blocks in reverse order, with optional CFG."""
+    def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True,
+                annealed: bool = False) -> Tensor:
+        """Exact inverse F^-1(z), blocks in reverse order, with optional (annealed) CFG."""
         self._check(z)
         tokens = self.to_tokens(z).to(_affine_dtype(z.dtype))  # fp32 between blocks, as in forward
         for block in reversed(self.blocks):
-            tokens = block.inverse(tokens, y, guidance=guidance, use_cache=use_cache)
+            tokens = block.inverse(tokens, y, guidance=guidance, use_cache=use_cache, annealed=annealed)
         return self.to_image(tokens).to(z.dtype)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
