@@ -166,6 +166,20 @@ def bench_sampling_cmd(
     bench_sampling(out, preset=preset, guidance=guidance, batch_sizes=tuple(batch) if batch else None, reps=reps)
 
 
+@bench_app.command("perceptual")
+@friendly_errors
+def bench_perceptual_cmd(
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for perceptual.json and .png."),
+    job: str = typer.Option("quickstart", help="Job pair under jobs/: <job>-reverse.yaml and <job>-forward.yaml."),
+    rounds: int = typer.Option(5, help="Interleaved timing rounds."),
+    batch: int = typer.Option(0, help="Rows per step (0 = the job's batch per rank)."),
+) -> None:
+    """ms per reverse step without the perceptual term, with the job's setting, and at 299 px with every tap."""
+    from biflow.bench.perceptual import bench_perceptual
+
+    bench_perceptual(out, job=job, rounds=rounds, batch=batch)
+
+
 @bench_app.command("train")
 @friendly_errors
 def bench_train_cmd(

@@ -11,6 +11,7 @@ scalar tensor to backpropagate, the metrics are plain floats for logging.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -182,12 +183,14 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
     if feature_net is not None and rcfg.perceptual_weight > 0:
         from biflow.perceptual import perceptual_distance
 
-        img_hat, img = x_hat, x
+        k = max(1, math.ceil(rcfg.perceptual.rows * b))  # rows are in random order: the first k are a subset
+        img_hat, img = x_hat[:k], x[:k]
         if decode is not None:
-            img_hat = decode(x_hat, grad=True, clamp=False)
-            img = decode(x, grad=False)
+            img_hat = decode(img_hat, grad=True, clamp=False)
+            img = decode(img, grad=False)
         perc = perceptual_distance(feature_net, img_hat, img, crop=rcfg.perceptual.crop, generator=generator)
-        total = total + rcfg.perceptual_weight * adaptive_weight(perc, p, rcfg.output_eps)
+        term = rcfg.perceptual_weight * adaptive_weight(perc, p, rcfg.output_eps)
+        total = total + torch.cat([term, term.new_zeros(b - k)]) * (b / k)  # unbiased for the batch mean
     loss = total.mean()
     from biflow.metrics import psnr
 

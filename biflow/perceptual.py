@@ -44,14 +44,27 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class FeatureNet(nn.Module):
     """A frozen feature extractor. ``features(x)`` takes (B, 3, R, R) images in
-    [-1, 1] and returns a list of (B, C_l, H_l, W_l) maps."""
+    [-1, 1] and returns a list of (B, C_l, H_l, W_l) maps, one per tap."""
 
     name: str = ""
     min_size: int = 1  # smallest input side the network accepts
+    tap_names: tuple[str, ...] = ()  # every tap the network offers, shallow to deep
+    default_taps: tuple[str, ...] = ()
 
     def __init__(self, cfg: PerceptualConfig):
         super().__init__()
         self.cfg = cfg
+        self.taps = self.select_taps(cfg)
+
+    @classmethod
+    def select_taps(cls, cfg: PerceptualConfig) -> tuple[str, ...]:
+        """``cfg.taps`` in network order ([] = the default), each checked against the offer."""
+        unknown = [t for t in cfg.taps if t not in cls.tap_names]
+        if unknown:
+            raise UserError(f"reverse.perceptual.taps: {', '.join(map(repr, unknown))} not a tap of {cls.name}; "
+                            f"allowed: {', '.join(cls.tap_names)}")
+        chosen = set(cfg.taps) or set(cls.default_taps)
+        return tuple(t for t in cls.tap_names if t in chosen)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -116,7 +129,8 @@ class InceptionFeatures(FeatureNet):
     name = "inception"
     min_size = 75
     # conv_2: 64@147², conv_4: 192@71², mixed_2: 288@35², mixed_7: 768@17², mixed_10: 2048@8² (at 299)
-    taps: tuple[str, ...] = ("conv_2", "conv_4", "mixed_2", "mixed_7", "mixed_10")
+    tap_names = ("conv_2", "conv_4", "mixed_2", "mixed_7", "mixed_10")
+    default_taps = tap_names
 
     def __init__(self, cfg: PerceptualConfig):
         super().__init__(cfg)
@@ -138,7 +152,9 @@ class InceptionFeatures(FeatureNet):
         return out
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2048) pool features; equal to the FID vector at 299×299."""
+        """(B, 2048) pool features; equal to the FID vector at 299×299 (needs the mixed_10 tap)."""
+        if "mixed_10" not in self.taps:
+            raise ValueError("pool() needs the mixed_10 tap")
         return self.features(x)[-1].mean(dim=(2, 3))
 
     def __reduce__(self):
@@ -158,7 +174,9 @@ class VGG16Features(FeatureNet):
 
     name = "vgg"
     min_size = 16
-    taps: tuple[int, ...] = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    tap_names = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")  # LPIPS's layers
+    default_taps = tap_names
+    tap_index = dict(zip(tap_names, (3, 8, 15, 22, 29)))  # in torchvision's features.N
 
     def __init__(self, cfg: PerceptualConfig):
         super().__init__(cfg)
@@ -178,12 +196,13 @@ class VGG16Features(FeatureNet):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = ((x + 1) / 2 - self.mean) / self.std
+        wanted = {self.tap_index[t] for t in self.taps}
         out = []
         for i, layer in enumerate(self.features_):
             x = layer(x)
-            if i in self.taps:
+            if i in wanted:
                 out.append(x)
-            if i == self.taps[-1]:
+            if i == max(wanted):
                 break
         return out
 
@@ -269,6 +288,8 @@ class ConvNeXtV2Features(FeatureNet):
 
     name = "convnext"
     min_size = 32
+    tap_names = ("stage0", "stage1", "stage2", "stage3")
+    default_taps = tap_names
 
     def __init__(self, cfg: PerceptualConfig, depths: Sequence[int] = (2, 2, 8, 2),
                  dims: Sequence[int] = (80, 160, 320, 640)):
@@ -290,9 +311,11 @@ class ConvNeXtV2Features(FeatureNet):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(((x + 1) / 2 - self.mean) / self.std)
         out = []
-        for stage in self.stages:
+        last = max(self.tap_names.index(t) for t in self.taps)
+        for i, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
-            out.append(x)
+            if self.tap_names[i] in self.taps:
+                out.append(x)
         return out
 
 
@@ -419,6 +442,8 @@ def build_feature_net(cfg: PerceptualConfig) -> FeatureNet | None:
         raise UserError(f"reverse.perceptual.resize={cfg.resize} is too small for {cfg.network} (min {net.min_size})")
     if not 0 < cfg.crop <= 1:
         raise UserError(f"reverse.perceptual.crop={cfg.crop} must be in (0, 1]")
+    if not 0 < cfg.rows <= 1:
+        raise UserError(f"reverse.perceptual.rows={cfg.rows} must be in (0, 1]")
     return net
 
 

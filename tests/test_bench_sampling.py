@@ -29,3 +29,14 @@ def test_bench_sampling_rejects_unknown_preset(tmp_path):
     result = CliRunner().invoke(app, ["bench", "sampling", "--preset", "huge", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "unknown sampling preset 'huge'; choose from cpu-256tok" in result.output
+
+
+def test_bench_perceptual_reports_ratios_to_the_step_without_it(tmp_path):
+    from biflow.bench.perceptual import bench_perceptual
+
+    res = bench_perceptual(tmp_path, job="smoke", rounds=1, steps_per_round=1, full=False, log=lambda s: None)
+    saved = json.loads((tmp_path / "perceptual.json").read_text())
+    assert saved["benchmark"] == "perceptual" and set(saved["ms_per_step"]) == {"off", "job"}
+    assert saved["ratio_vs_off"]["off"] == 1.0 and saved["ratio_vs_off"]["job"] > 0
+    assert res["goal_met"] == (res["ratio_vs_off"]["job"] <= 1.5)
+    assert saved["job_perceptual"]["network"] == "inception" and (tmp_path / "perceptual.png").stat().st_size > 1000

@@ -19,6 +19,7 @@ from biflow.perceptual import (
     load_fid_inception,
     paired_random_crop,
     perceptual_distance,
+    prepare_images as prepare,
 )
 
 
@@ -234,3 +235,55 @@ def test_convnext_mismatched_file_names_path(tmp_path):
     vgg_checkpoint(path)
     with pytest.raises(UserError, match=re.escape(str(path)) + ".*ConvNeXt-V2.*missing keys stem.0.weight"):
         build_feature_net(PerceptualConfig(network="convnext", weights_path=str(path)))
+
+
+# --- issue 15: an affordable perceptual term --------------------------------------------------
+
+
+def test_taps_are_a_field_and_shallow_taps_stop_the_net_early(inception):
+    shallow = build_feature_net(PerceptualConfig(network="inception", taps=["conv_4", "conv_2"]))
+    assert shallow.taps == ("conv_2", "conv_4") and len(shallow.stages) < len(inception.stages)
+    x = smooth_images(2, size=28, seed=3)
+    with torch.no_grad():
+        feats = shallow.features(prepare(x, 75))
+    assert [f.shape[1] for f in feats] == [64, 192]
+    assert perceptual_distance(shallow, x, x).max().item() < 1e-6
+    with pytest.raises(UserError, match="'mixed_99' not a tap of inception; allowed: conv_2, conv_4"):
+        build_feature_net(PerceptualConfig(network="inception", taps=["mixed_99"]))
+    conv = ConvNeXtV2Features(PerceptualConfig(taps=["stage1"]), (1, 1, 1, 1), (8, 16, 32, 64))
+    assert [f.shape[1] for f in conv.features(torch.zeros(1, 3, 32, 32))] == [16]
+    vgg = VGG16Features(PerceptualConfig(taps=["relu2_2"]))
+    assert [f.shape[1] for f in vgg.features(torch.zeros(1, 3, 16, 16))] == [128]
+
+
+def test_default_input_is_the_smallest_valid_size(inception):
+    seen = []
+    net = build_feature_net(PerceptualConfig(network="inception"))  # resize 0: automatic
+    features = net.features
+    net.features = lambda x: (seen.append(tuple(x.shape[-2:])), features(x))[1]
+    x = smooth_images(2, size=28, seed=4)
+    perceptual_distance(net, x, x)
+    assert seen and set(seen) == {(75, 75)}  # max(inception's 75, the 28-px image)
+    seen.clear()
+    perceptual_distance(net, torch.nn.functional.interpolate(x, size=96), torch.nn.functional.interpolate(x, size=96))
+    assert set(seen) == {(96, 96)}
+
+
+def test_perceptual_rows_subset_in_the_reverse_loss():
+    from biflow.config import FlowConfig, ReverseConfig
+    from biflow.losses import reverse_loss
+    from biflow.models import ReverseModel, TARFlow
+
+    fcfg = FlowConfig(image_size=16, channels=1, patch_size=4, width=16, depth=1, num_blocks=2, num_heads=2)
+    rcfg = ReverseConfig(width=16, depth=2, num_heads=2, perceptual_weight=1.0,
+                         perceptual=PerceptualConfig(taps=["conv_2"], rows=0.25))
+    flow, rev = TARFlow(fcfg).requires_grad_(False), ReverseModel(rcfg, fcfg)
+    net = build_feature_net(rcfg.perceptual)
+    rows = []
+    features = net.features
+    net.features = lambda x: (rows.append(x.shape[0]), features(x))[1]
+    x, y = torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10
+    loss, metrics = reverse_loss(rev, flow, x, y, rcfg, fcfg, feature_net=net)
+    assert rows == [2, 2] and torch.isfinite(loss) and metrics["perceptual"] > 0  # 2 of 8 rows, both sides
+    with pytest.raises(UserError, match=r"reverse.perceptual.rows=0 must be in \(0, 1\]"):
+        build_feature_net(PerceptualConfig(rows=0))
