@@ -76,9 +76,13 @@ quickstart: install dataset
 test: install dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# One tier each (a later -m replaces addopts' 'not slow', so it is repeated here).
-test-unit test-integration test-faults test-jobs test-nodes: test-%: install dataset
+# One tier each (a later -m replaces addopts' 'not slow', so it is repeated here). The jobs
+# and nodes tiers are run whole, slow tests included: every job file, every node scenario.
+test-unit test-integration test-faults: test-%: install dataset
 	$(BIN)/python -m pytest -m '$* and not slow' $(PYTEST_ARGS)
+
+test-jobs test-nodes: test-%: install dataset
+	$(BIN)/python -m pytest -m '$*' $(PYTEST_ARGS)
 
 test-slow: install dataset
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

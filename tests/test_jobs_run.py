@@ -12,6 +12,12 @@ sample grids.
 Asserted for each job: committed checkpoints at the last step, a sample grid
 PNG (decoded to RGB for latent jobs); for searches the trial table and
 best.yaml; for recipes and evaluations the results JSON.
+
+`make test` (CI, kept well under 30 min on 2 cores) runs the flagship latent pair
+(imagenet256-b2: latents, perceptual loss through the decoder, pixel-space
+evaluation) and the quickstart recipe; every other file is marked ``slow`` here
+and runs with `make test-jobs` (the whole tier). The smoke search also runs in
+the integration tier (tests/test_tune.py).
 """
 
 from __future__ import annotations
@@ -98,10 +104,19 @@ def scalar_tags(run: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
+# In the default (CI) run; the rest of the tier is `slow` (make test-jobs runs all of it).
+IN_CI = {"imagenet256-b2", "quickstart.yaml"}
+
+
+def tiered(items, name=lambda x: x):
+    return [pytest.param(x, id=Path(str(name(x))).stem, marks=() if name(x) in IN_CI else pytest.mark.slow)
+            for x in items]
+
+
 PAIRS = sorted({p.stem.rsplit("-", 1)[0] for p in TRAIN_JOBS})
 
 
-@pytest.mark.parametrize("base", PAIRS)
+@pytest.mark.parametrize("base", tiered(PAIRS))
 def test_train_job_pair_runs(base, data, tmp_path):
     """Stage 1 then stage 2 of each shipped pair, as `biflow train` (latent pairs: perceptual
     loss through the decoder, decoded grids), then `biflow sample` from the reverse run."""
@@ -145,7 +160,7 @@ def search_args(path: Path, data: jobdata.JobData, storage: Path) -> list[str]:
     return ["tune", "--config", path, "--name", path.stem, *[x for s in sets for x in ("--set", s)]]
 
 
-@pytest.mark.parametrize("path", SEARCHES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", tiered(SEARCHES, lambda p: p.name))
 def test_search_runs(path, data, tmp_path):
     """Each search is its own `biflow tune` process with its own local Ray, as a user runs it: the
     worker groups of trials that ASHA stops are freed by that Ray, not left in the tests' shared one."""
@@ -164,7 +179,7 @@ def test_search_runs(path, data, tmp_path):
     assert best.train.steps == STEPS
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", tiered(RECIPES, lambda p: p.name))
 def test_recipe_runs(path, tmp_path, fashion_mnist_dir, ray_local):
     sets = [*FLOW_SIZE, *REVERSE_SIZE, *TRAIN_SIZE, "recipe.dataset.limit=512", "recipe.evaluate.num_samples=16",
             "recipe.evaluate.num_eval_images=16", "recipe.evaluate.batch_size=16", "recipe.evaluate.timing_batch=4"]

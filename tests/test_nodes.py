@@ -718,6 +718,7 @@ def autoscaling(fmnist_s3_shards, s3_server, tmp_path_factory):
                         env_extra=env)
 
 
+@pytest.mark.slow  # 8-11 min on 2 cores: outside CI's budget; make test-nodes runs it
 def test_autoscaling_from_zero_replaces_a_lost_node_and_scales_down(autoscaling):
     facts, _ = autoscaling
     assert facts.get("run"), "the job did not get as far as the node loss"
