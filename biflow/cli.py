@@ -69,7 +69,7 @@ def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where shards, runs and results go."),
     workers: int = typer.Option(2, help="Ray Train workers (DeepSpeed ranks)."),
     set_: Optional[List[str]] = SetOption,
-    num_samples: int = typer.Option(500, help="Samples per sampler for FID."),
+    num_samples: int = typer.Option(0, help="Samples per sampler for FID (0 = jobs/eval/quickstart.yaml's)."),
 ) -> None:
     """Fashion-MNIST end to end: shards, forward flow, reverse model, samples, FID, speed."""
     from biflow.quickstart import quickstart as run_quickstart

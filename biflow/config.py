@@ -114,6 +114,9 @@ class ReverseConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     denoise_depth: int = 1  # layers of the learned denoising block at the end
+    # learned: G's output is supervised with the clean x (the paper's learned denoising); tweedie:
+    # with the noisy x~ (the flow's own input), and sampling adds one Tweedie step through F (the ablation)
+    denoise: Literal["learned", "tweedie"] = "learned"
     conditioning: Literal["adaln", "tokens"] = "adaln"
     # loss weights
     align_weight: float = 1.0  # hidden alignment, one term per segment

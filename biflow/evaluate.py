@@ -46,7 +46,7 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
     [-1, 1], latents decoded through ``codec`` (a :class:`~biflow.data.latents.LatentCodec`)
     when given, else the model's own space (latents stay unclamped). ``annealed``: the
     exact sampler's guidance ramps over the decode steps (ml-tarflow's option)."""
-    from biflow.sampling import sample_biflow, sample_exact
+    from biflow.sampling import sample_biflow, sample_biflow_cfg, sample_exact, tweedie_denoise
 
     cfg = flow.config
     out = []
@@ -56,8 +56,13 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
         z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=g, device=device)
         y = _labels(b, cfg.num_classes, seed + start)
         y = None if y is None else y.to(device)
-        if sampler == "biflow":
-            x = sample_biflow(rev, y, guidance=guidance, z=z)
+        if sampler in ("biflow", "biflow-cfg2"):
+            if sampler == "biflow":
+                x = sample_biflow(rev, y, guidance=guidance, z=z)
+            else:  # inference-time CFG: 2 NFE
+                x = sample_biflow_cfg(rev, y, guidance=guidance, z=z)
+            if rev.config.denoise == "tweedie":  # G was trained to land on x~: F's Tweedie step denoises
+                x = tweedie_denoise(flow, x, y, cfg.noise_std)
         else:
             x = sample_exact(flow, y, guidance=guidance, z=z, tweedie=True, annealed=annealed,
                              generator=torch.Generator(device).manual_seed(seed + start + 1))
@@ -185,6 +190,8 @@ class EvalOptions:
     num_eval_images: int = 1000  # test images for bpd and reconstruction
     exact_annealed: bool = False  # the exact sampler ramps its guidance over the decode (ml-tarflow)
     kid_subsets: int = 100
+    # samplers scored: biflow (1 NFE), biflow-cfg2 (inference-time CFG, 2 NFE), exact; [] = biflow + exact
+    samplers: list[str] = field(default_factory=list)
     timing_batch: int = 16
     workers: int = 0  # Ray workers for generation; 0 = in this process
     grid: int = 64  # images in each PNG grid
@@ -252,6 +259,10 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
                 nll_deq.append(nll_per_dim(flow(x + bin_width * torch.rand(x.shape, generator=g), y)))
             if rev is not None:
                 out_rev = rev(traj.z, y)
+                if rev.config.denoise == "tweedie":
+                    from biflow.sampling import tweedie_denoise
+
+                    out_rev.x = tweedie_denoise(flow, out_rev.x, y, fcfg.noise_std)
                 recon_psnr_model.append(psnr(out_rev.x, x, reduction="none"))
                 inv_psnr.append(psnr(out_rev.states[0], x_noisy, reduction="none"))  # G's x^0 vs x~
                 if codec is not None:  # in pixel space: decoded reconstruction vs the decoded original
@@ -315,7 +326,10 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     log(f"real vs real ({len(real_x)} {ref_cfg.split} images vs {len(ref_x)} {ref_cfg.eval_split}): "
         f"FID {floor['fid']:.2f} | KID {1e3 * floor['kid']:.2f}e-3 +- {1e3 * floor['kid_se']:.2f}e-3")
     latent_data = dataclasses.asdict(data_cfg) if codec is not None else None  # workers rebuild the codec
-    samplers = ["biflow", "exact"] if rev is not None else ["exact"]
+    samplers = opts.samplers or (["biflow", "exact"] if rev is not None else ["exact"])
+    bad = [x for x in samplers if x not in ("biflow", "biflow-cfg2", "exact") or (x != "exact" and rev is None)]
+    if bad:
+        raise UserError(f"samplers {bad}: allowed: biflow, biflow-cfg2 (both need a reverse run), exact")
     for w in opts.guidance:
         for sampler in samplers:
             t0 = time.time()
@@ -342,7 +356,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
             results["samplers"][f"{sampler}@w={w:g}"] = entry
             log(f"{sampler:6s} w={w:g}: FID {entry['fid']:.2f} | KID {1e3 * entry['kid']:.2f}e-3 "
                 f"+- {1e3 * entry['kid_se']:.2f}e-3 | {timing} (batch {opts.timing_batch}) | {grid_path}")
-        if rev is not None:
+        if {"biflow", "exact"} <= set(samplers):
             b, e = results["samplers"][f"biflow@w={w:g}"], results["samplers"][f"exact@w={w:g}"]
             b["speedup_vs_exact"] = e["ms_per_image"] / b["ms_per_image"]
             if codec is not None:

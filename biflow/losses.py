@@ -177,14 +177,15 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
     align_terms = [alignment_distance(pred, traj.states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
     align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms])
     align = align.sum(0) if rcfg.align_reduce == "sum" else align.mean(0)
-    mse = (x_hat.float() - x.float()).pow(2).flatten(1).mean(1)
+    target = x_noisy if rcfg.denoise == "tweedie" else x  # tweedie: G inverts F exactly; denoising is F's
+    mse = (x_hat.float() - target.float()).pow(2).flatten(1).mean(1)
     total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, rcfg.output_eps)
     perc = None
     if feature_net is not None and rcfg.perceptual_weight > 0:
         from biflow.perceptual import perceptual_distance
 
         k = max(1, math.ceil(rcfg.perceptual.rows * b))  # rows are in random order: the first k are a subset
-        img_hat, img = x_hat[:k], x[:k]
+        img_hat, img = x_hat[:k], target[:k]
         if decode is not None:
             img_hat = decode(img_hat, grad=True, clamp=False)
             img = decode(img, grad=False)
@@ -201,7 +202,7 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
             "align_first": align_terms[-1].mean().item(),  # the deepest state x^(B-1)
             "align_last": align_terms[0].mean().item(),  # x^0, the noisy image
             "denoise_mse": mse.mean().item(),
-            "psnr": psnr(x_hat, x).item(),
+            "psnr": psnr(x_hat, target).item(),
             "guided_rows": float(rows.numel()) / b,
         }
         if perc is not None:

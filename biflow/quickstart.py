@@ -21,7 +21,8 @@ from biflow.recipe import builtin_recipe, run_recipe
 
 
 def quickstart(out: str | Path = "runs/quickstart", workers: int = 2, overrides: list[str] | None = None,
-               num_samples: int = 500, log: Callable[[str], None] = print) -> dict:
+               num_samples: int = 0, log: Callable[[str], None] = print) -> dict:
+    """``num_samples`` (0 = the recipe's) overrides the FID sample count per sampler."""
     recipe = builtin_recipe("eval/quickstart")
     return run_recipe(recipe, out, workers=workers, overrides=overrides,
-                      evaluate_opts={"num_samples": num_samples, "num_eval_images": num_samples}, log=log)
+                      evaluate_opts={"num_samples": num_samples} if num_samples else None, log=log)

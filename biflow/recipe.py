@@ -60,6 +60,18 @@ class Goals:
 
 
 @dataclass
+class AblationSpec:
+    """One reverse run of an ablation: the recipe's reverse job with ``set`` on top, scored with
+    ``sampler`` (biflow: 1 NFE with training-time CFG; biflow-cfg2: inference-time CFG, 2 NFE)."""
+
+    name: str = ""
+    description: str = ""
+    set: list[str] = field(default_factory=list)
+    sampler: Literal["biflow", "biflow-cfg2"] = "biflow"
+    paper: str = ""  # the paper's FIDs for the same change, "ablated vs its baseline" (B/2 ImageNet-256)
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -69,6 +81,10 @@ class Recipe:
     reverse: StageSpec = field(default_factory=StageSpec)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
     goals: Goals = field(default_factory=Goals)
+    # reverse variants on the same forward flow and budget (the first is usually the full model);
+    # with ablations the recipe trains each, scores BiFlow only, and writes a table and chart
+    ablations: list[AblationSpec] = field(default_factory=list)
+    report: str = ""  # ablations: also write ablation.md / .png / .json here (relative to the repo root)
     path: str = ""  # where it was loaded from (set by load_recipe)
 
     def stage_configs(self, out: Path, workers: int,
@@ -116,6 +132,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise ConfigError(f"recipe {path}: {stage}.job={spec.job!r} not found (looked for {job})")
     if recipe.workers < 1:
         raise ConfigError(f"recipe {path}: workers must be >= 1, got {recipe.workers}")
+    names = [a.name for a in recipe.ablations]
+    if any(not n or not n.replace("-", "").replace("_", "").isalnum() for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"recipe {path}: ablations need distinct names of letters, digits, - and _; got {names}")
     return recipe
 
 
@@ -155,6 +174,13 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     fit(fwd_cfg)
     timings["forward_s"] = time.time() - t
 
+    opts = EvalOptions(num_samples=ev["num_samples"], num_eval_images=ev["num_eval_images"],
+                       num_reference=ev["num_reference"], guidance=list(ev["guidance"]),
+                       batch_size=ev["batch_size"], timing_batch=ev["timing_batch"],
+                       exact_annealed=ev["exact_annealed"])
+    if recipe.ablations:
+        return run_ablations(recipe, out, workers, overrides, rev_cfg, opts, timings, t0, log)
+
     log(f"[3/4] stage 2: reverse model (BiFlow) {rev_cfg.name} from the stage-1 checkpoint")
     t = time.time()
     fit(rev_cfg)
@@ -162,10 +188,6 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
 
     log("[4/4] evaluation: samples, FID, bits/dim, reconstruction, speed")
     t = time.time()
-    opts = EvalOptions(num_samples=ev["num_samples"], num_eval_images=ev["num_eval_images"],
-                       num_reference=ev["num_reference"], guidance=list(ev["guidance"]),
-                       batch_size=ev["batch_size"], timing_batch=ev["timing_batch"],
-                       exact_annealed=ev["exact_annealed"])
     results = evaluate(rev_cfg.name, out / "eval", opts, storage=rev_cfg.ray.storage, log=log)
     timings["eval_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
@@ -176,6 +198,81 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
     log(summary_table(results, rev_cfg.ray.storage, recipe))
     return results
+
+
+def run_ablations(recipe: Recipe, out: Path, workers: int, overrides: list[str], rev_cfg: ExperimentConfig,
+                  opts: Any, timings: dict[str, float], t0: float, log: Log) -> dict[str, Any]:
+    """Each ablation: a reverse run on the same forward flow and budget, scored by its sampler;
+    the exact inverse once, as the baseline. Writes OUT/eval/results.json (and ``report``)."""
+    import dataclasses
+
+    from biflow.evaluate import evaluate
+    from biflow.train.launch import fit
+
+    rows, results = [], {}
+    exact = evaluate(rev_cfg.name.replace("-reverse", "-forward"), out / "eval" / "exact",
+                     dataclasses.replace(opts, samplers=["exact"]), storage=rev_cfg.ray.storage, log=log)
+    for i, ab in enumerate(recipe.ablations):
+        cfg = apply_overrides_cfg(rev_cfg, [*ab.set, f"name={recipe.name}-reverse-{ab.name}"])
+        log(f"[3/4] ablation {i + 1}/{len(recipe.ablations)} {ab.name}: {ab.description or ab.set}")
+        t = time.time()
+        fit(cfg)
+        timings[f"reverse_{ab.name}_s"] = time.time() - t
+        res = evaluate(cfg.name, out / "eval" / ab.name, dataclasses.replace(opts, samplers=[ab.sampler]),
+                       storage=cfg.ray.storage, log=log)
+        results[ab.name] = res
+        for w in opts.guidance:
+            r = res["samplers"][f"{ab.sampler}@w={w:g}"]
+            rows.append({"ablation": ab.name, "description": ab.description, "sampler": ab.sampler,
+                         "nfe": 2 if ab.sampler == "biflow-cfg2" and w else 1, "guidance": w, "fid": r["fid"],
+                         "kid": r["kid"], "kid_se": r["kid_se"], "recon_psnr_db": res["recon_psnr_db"],
+                         "paper": ab.paper})
+    timings["total_s"] = time.time() - t0
+    summary = {"recipe": {"name": recipe.name, "path": recipe.path, "workers": workers, "overrides": overrides,
+                          "reverse_steps": rev_cfg.train.steps},
+               "num_samples": opts.num_samples, "rows": rows, "exact": exact["samplers"],
+               "real_vs_real": exact["real_vs_real"], "timings": timings, "machine": exact["machine"], "goals": {}}
+    (out / "eval" / "results.json").write_text(json.dumps(summary, indent=2))
+    table = ablation_table(summary)
+    log(table)
+    if recipe.report:
+        write_ablation_report(summary, table, JOBS_DIR.parent / recipe.report)
+    return summary
+
+
+def apply_overrides_cfg(cfg: ExperimentConfig, items: list[str]) -> ExperimentConfig:
+    """A copy of ``cfg`` with ``--set`` items applied (strictly checked)."""
+    from biflow.config import to_dict
+
+    return load_config(to_dict(cfg), items)
+
+
+def ablation_table(summary: dict[str, Any]) -> str:
+    lines = [f"| ablation | sampler | NFE | w | FID | KID x1e3 | PSNR dB | paper FID (ablated vs baseline) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        paper = r["paper"] if r["guidance"] == summary["rows"][0]["guidance"] else ""
+        lines.append(f"| {r['ablation']} | {r['sampler']} | {r['nfe']} | {r['guidance']:g} | {r['fid']:.2f} | "
+                     f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} | {r['recon_psnr_db']:.2f} | {paper} |")
+    for key, e in summary["exact"].items():
+        lines.append(f"| exact inverse | exact | serial | {e['guidance']:g} | {e['fid']:.2f} | "
+                     f"{1e3 * e['kid']:.2f} ± {1e3 * e['kid_se']:.2f} | | |")
+    f = summary["real_vs_real"]
+    lines.append(f"| real vs real (floor) | | | | {f['fid']:.2f} | {1e3 * f['kid']:.2f} ± {1e3 * f['kid_se']:.2f} | | |")
+    return "\n".join(lines)
+
+
+def write_ablation_report(summary: dict[str, Any], table: str, out_dir: Path) -> None:
+    from biflow.bench.sampling import bar_chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ablation.json").write_text(json.dumps(summary, indent=2))
+    w0 = [r for r in summary["rows"] if r["guidance"] == min(x["guidance"] for x in summary["rows"])]
+    bar_chart(out_dir / "ablation.png", [r["ablation"] for r in w0], [r["fid"] for r in w0], "FID",
+              f"{summary['recipe']['name']}: FID at w={w0[0]['guidance']:g} ({summary['num_samples']} samples)")
+    (out_dir / "ablation.md").write_text(f"# Ablation: {summary['recipe']['name']}\n\n{table}\n\n"
+                                         f"{summary['num_samples']} samples per row. Paper FIDs: the BiFlow paper's "
+                                         "B/2 ImageNet-256 ablations (METHOD.md), for direction only.\n")
 
 
 def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:

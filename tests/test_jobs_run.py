@@ -182,13 +182,26 @@ def test_search_runs(path, data, tmp_path):
 @pytest.mark.parametrize("path", tiered(RECIPES, lambda p: p.name))
 def test_recipe_runs(path, tmp_path, fashion_mnist_dir, ray_local):
     sets = [*FLOW_SIZE, *REVERSE_SIZE, *TRAIN_SIZE, "recipe.dataset.limit=512", "recipe.evaluate.num_samples=16",
-            "recipe.evaluate.num_eval_images=16", "recipe.evaluate.batch_size=16", "recipe.evaluate.timing_batch=4"]
+            "recipe.evaluate.num_eval_images=16", "recipe.evaluate.num_reference=16", "recipe.evaluate.batch_size=16",
+            "recipe.evaluate.timing_batch=4", "recipe.report="]  # report="": the committed docs stay as they are
     cli("recipe", path, "--out", tmp_path, *[x for s in sets for x in ("--set", s)])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    spec = read_yaml(path)
+    if spec.get("ablations"):  # one reverse run per row, each scored by its own sampler
+        names = [a["name"] for a in spec["ablations"]]
+        guidance = spec.get("evaluate", {}).get("guidance", [0.0, 1.0])
+        assert [(r["ablation"], r["guidance"]) for r in results["rows"]] == [(n, w) for n in names for w in guidance]
+        assert all(np.isfinite(r["fid"]) and np.isfinite(r["kid"]) for r in results["rows"])
+        assert {r["nfe"] for r in results["rows"] if r["sampler"] == "biflow-cfg2" and r["guidance"]} <= {2}
+        assert set(results["exact"]) == {f"exact@w={w:g}" for w in guidance}
+        for name in names:
+            assert_checkpoint_and_grid(tmp_path / "runs" / f"{results['recipe']['name']}-reverse-{name}", latent=False)
+        return
     assert results["recipe"]["forward_steps"] == results["recipe"]["reverse_steps"] == STEPS
     assert {"biflow@w=0", "exact@w=0"} <= set(results["samplers"])
-    assert all(np.isfinite(r["fid"]) and Path(r["grid"]).is_file() for r in results["samplers"].values())
-    if read_yaml(path).get("goals"):  # every goal of the recipe is checked and recorded with its value
+    assert all(np.isfinite(r["fid"]) and np.isfinite(r["kid"]) and Path(r["grid"]).is_file()
+               for r in results["samplers"].values())
+    if spec.get("goals"):  # every goal of the recipe is checked and recorded with its value
         assert results["goals"] and all(isinstance(g["met"], bool) and np.isfinite(g["value"])
                                         for g in results["goals"].values()), results["goals"]
     for stage in ("forward", "reverse"):

@@ -327,3 +327,24 @@ def test_exact_sampler_annealed_guidance_and_nan_resampling():
     assert torch.allclose(out[[0, 2]], sample_exact(flow, y, z=z)[[0, 2]], atol=1e-5)
     kept = sample_exact(flow, y, z=z_bad, resample_tries=0)
     assert not torch.isfinite(kept[1]).all() and torch.isfinite(kept[[0, 2]]).all()
+
+
+def test_inference_time_cfg_sampler_and_tweedie_denoise_target():
+    from biflow.sampling import sample_biflow_cfg
+
+    flow, rev, rcfg = tiny_pair()
+    randomise(rev, std=0.05, seed=5)
+    x, y = data(3)
+    z = flow(x, y).z
+    assert torch.allclose(sample_biflow_cfg(rev, y, 0.0, z=z), sample_biflow(rev, y, 0.0, z=z))
+    cond = sample_biflow(rev, y, 0.0, z=z)
+    uncond = sample_biflow(rev, torch.full_like(y, TINY["num_classes"]), 0.0, z=z)
+    assert torch.allclose(sample_biflow_cfg(rev, y, 1.5, z=z), cond + 1.5 * (cond - uncond), atol=1e-6)
+    # tweedie ablation: G's output is supervised with the noisy x~ (F's input), not the clean x
+    rcfg.denoise, rcfg.align_weight = "tweedie", 0.0
+    g = torch.Generator().manual_seed(7)
+    loss, m = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=g)
+    x_noisy = x + flow.config.noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    out = rev(flow(x_noisy, y).z, y)
+    mse = (out.x - x_noisy).pow(2).flatten(1).mean(1)
+    assert m["denoise_mse"] == pytest.approx(mse.mean().item(), rel=1e-4)

@@ -84,3 +84,21 @@ def test_cli_rejects_a_bad_recipe_before_anything_runs(tmp_path):
     result = CliRunner().invoke(app, ["recipe", str(bad)])
     assert result.exit_code == 2
     assert "reverse.job='missing.yaml' not found" in result.output
+
+
+def test_ablation_recipe_rows_are_valid_reverse_configs(tmp_path):
+    from biflow.recipe import apply_overrides_cfg
+
+    recipe = load_recipe(ROOT / "jobs" / "eval" / "ablation.yaml")
+    names = [a.name for a in recipe.ablations]
+    assert names[0] == "full" and {"no-alignment", "tweedie", "no-norm-control", "no-perceptual",
+                                   "inference-cfg"} <= set(names)
+    rev = recipe.stage_config("reverse", tmp_path, 2, [])
+    assert rev.reverse.perceptual_weight > 0 and rev.reverse.guidance_max > 0  # the full model has every term
+    for ab in recipe.ablations:
+        cfg = apply_overrides_cfg(rev, ab.set)
+        assert cfg.train.steps == rev.train.steps and cfg.flow == rev.flow  # same budget, same flow
+    cfg = apply_overrides_cfg(rev, next(a for a in recipe.ablations if a.name == "inference-cfg").set)
+    assert cfg.reverse.guidance_max == 0
+    with pytest.raises(ConfigError, match="ablations need distinct names"):
+        load_recipe(ROOT / "jobs" / "eval" / "ablation.yaml", ["ablations=[{name: a}, {name: a}]"])
