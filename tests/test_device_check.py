@@ -10,6 +10,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # out of CI's 30-min budget (make test-slow runs it): 2.5 min; make device-check DEVICE_ARGS=--cpu
 def test_device_check_dry_mode_runs_every_step(tmp_path, ray_local):
     from biflow.bench.device import device_check
 

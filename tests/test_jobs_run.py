@@ -15,7 +15,7 @@ best.yaml; for recipes and evaluations the results JSON.
 
 `make test` (CI, kept well under 30 min on 2 cores) runs the flagship latent pair
 (imagenet256-b2: latents, perceptual loss through the decoder, pixel-space
-evaluation) and the quickstart recipe; every other file is marked ``slow`` here
+evaluation); every other file is marked ``slow`` here
 and runs with `make test-jobs` (the whole tier). The smoke search also runs in
 the integration tier (tests/test_tune.py).
 """
@@ -47,7 +47,7 @@ STEPS = 2
 FLOW_SIZE = ["flow.width=32", "flow.depth=1", "flow.num_blocks=2", "flow.num_heads=2"]
 REVERSE_SIZE = ["reverse.width=32", "reverse.depth=2", "reverse.num_heads=2", "reverse.perceptual.resize=75"]
 TRAIN_SIZE = [f"train.steps={STEPS}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=1",
-              f"train.sample_every={STEPS}", "optim.warmup_steps=1", "ray.workers=2", "ray.cpus_per_worker=1",
+              f"train.sample_every={STEPS}", "optim.warmup_steps=1", "ray.workers=1", "ray.cpus_per_worker=1",
               "data.shuffle_buffer=16", "data.prefetch_batches=1"]
 
 
@@ -105,7 +105,7 @@ def scalar_tags(run: Path) -> set[str]:
 
 
 # In the default (CI) run; the rest of the tier is `slow` (make test-jobs runs all of it).
-IN_CI = {"imagenet256-b2", "quickstart.yaml"}
+IN_CI = {"imagenet256-b2"}
 
 
 def tiered(items, name=lambda x: x):
@@ -147,7 +147,7 @@ def test_train_job_pair_runs(base, data, tmp_path):
 def search_args(path: Path, data: jobdata.JobData, storage: Path) -> list[str]:
     spec = read_yaml(path)
     sets = ["num_samples=2", "max_concurrent=1", "fid_samples=8", "fid_batch_size=8", f"storage={storage}",
-            "resources.workers=2", "resources.cpus_per_worker=1", "resources.trial_cpus=0.25",
+            "resources.workers=1", "resources.cpus_per_worker=1", "resources.trial_cpus=0.25",
             "resources.trial_gpus=0"]
     jobs = {"base": spec["base"], **({"forward": spec["forward"]} if spec.get("forward") else {})}
     for prefix, job in jobs.items():

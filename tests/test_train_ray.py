@@ -170,6 +170,7 @@ def test_zero1_forward_then_zero3_reverse(train_data, tmp_path):
     ReverseModel(cfg.reverse, cfg.flow).load_state_dict(ema, strict=True)
 
 
+@pytest.mark.slow  # out of CI's 30-min budget (make test-slow runs it): DeepSpeed ZeRO is the engine CI trains with
 def test_ddp_engine_under_ray(train_data, tmp_path):
     result = fit(smoke("forward", ["train.engine=ddp", "train.steps=8", "train.checkpoint_every=8",
                                    "train.log_every=1"]),

@@ -70,6 +70,8 @@ def test_smoke_search_table_asha_and_best(smoke_search):
             assert int(r["step"]) == 8
         # each trial's runs carry their TensorBoard logs
         assert list(Path(r["runs"]).glob("tensorboard/events.*")), r["runs"]
+    best_cfg = load_config(results / "best.yaml")  # strict loader: the best config is a valid job
+    assert best_cfg.stage == "forward" and best_cfg.train.steps == 8
     summary = json.loads((results / "best.json").read_text())
     best = summary["best"]
     completed = [float(r["loss"]) for r in rows if r["status"] == "completed"]
@@ -77,6 +79,7 @@ def test_smoke_search_table_asha_and_best(smoke_search):
     assert summary["trials"] == 3
 
 
+@pytest.mark.slow  # out of CI's 30-min budget (make test-slow runs it): best.yaml's strict load is checked in the smoke-search test
 def test_best_config_trains_unchanged(smoke_search, ray_local, tmp_path):
     root, _, _ = smoke_search
     best_yaml = root / "results" / "best.yaml"
