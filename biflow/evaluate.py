@@ -264,7 +264,11 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
 
                     out_rev.x = tweedie_denoise(flow, out_rev.x, y, fcfg.noise_std)
                 recon_psnr_model.append(psnr(out_rev.x, x, reduction="none"))
-                inv_psnr.append(psnr(out_rev.states[0], x_noisy, reduction="none"))  # G's x^0 vs x~
+                x0 = out_rev.states[0]  # G's x^0 vs x~; under norm control the alignment is scale-free,
+                if rev.config.norm_control:  # so the state is compared at the target's per-sample RMS
+                    rms = lambda t: t.pow(2).flatten(1).mean(1).sqrt().view(-1, *[1] * (t.dim() - 1))  # noqa: E731
+                    x0 = x0 * rms(x_noisy) / rms(x0).clamp_min(1e-12)
+                inv_psnr.append(psnr(x0, x_noisy, reduction="none"))
                 if codec is not None:  # in pixel space: decoded reconstruction vs the decoded original
                     recon_psnr.append(psnr(codec.decode(out_rev.x), codec.decode(x), reduction="none"))
     if codec is None:
