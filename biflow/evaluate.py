@@ -209,7 +209,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
 
     from biflow.data.pipeline import iter_split
     from biflow.data.shards import read_manifest
-    from biflow.losses import bits_per_dim, nll_per_dim
+    from biflow.losses import bits_per_dim, nll_per_dim, rms
     from biflow.metrics import (FIDStats, frechet_distance, gaussian_noise_floor_nats, inception_features,
                                 kid_from_features, psnr, reference_stats, save_grid)
 
@@ -266,8 +266,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
                 recon_psnr_model.append(psnr(out_rev.x, x, reduction="none"))
                 x0 = out_rev.states[0]  # G's x^0 vs x~; under norm control the alignment is scale-free,
                 if rev.config.norm_control:  # so the state is compared at the target's per-sample RMS
-                    rms = lambda t: t.pow(2).flatten(1).mean(1).sqrt().view(-1, *[1] * (t.dim() - 1))  # noqa: E731
-                    x0 = x0 * rms(x_noisy) / rms(x0).clamp_min(1e-12)
+                    x0 = x0 * rms(x_noisy, 1e-12) / rms(x0, 1e-12)
                 inv_psnr.append(psnr(x0, x_noisy, reduction="none"))
                 if codec is not None:  # in pixel space: decoded reconstruction vs the decoded original
                     recon_psnr.append(psnr(codec.decode(out_rev.x), codec.decode(x), reduction="none"))

@@ -80,7 +80,8 @@ def adaptive_weight(per_sample: Tensor, p: float, eps: float) -> Tensor:
     return per_sample * (per_sample.detach() + eps).pow(-p)
 
 
-def _rms(x: Tensor, eps: float) -> Tensor:
+def rms(x: Tensor, eps: float) -> Tensor:
+    """Per-sample root mean square, shaped to broadcast against x."""
     return x.pow(2).flatten(1).mean(1).add(eps).sqrt().reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -95,7 +96,7 @@ def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: fl
     """
     pred, target = pred.float(), target.detach().float()
     if norm_control:
-        pred, target = pred / _rms(pred, eps), target / _rms(target, eps)
+        pred, target = pred / rms(pred, eps), target / rms(target, eps)
     return (pred - target).pow(2).flatten(1).mean(1)
 
 
