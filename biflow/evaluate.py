@@ -211,7 +211,8 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     from biflow.data.shards import read_manifest
     from biflow.losses import bits_per_dim, nll_per_dim, rms
     from biflow.metrics import (FIDStats, frechet_distance, gaussian_noise_floor_nats, inception_features,
-                                kid_from_features, psnr, reference_stats, save_grid)
+                                kid_from_features, psnr, reference_stats, reference_stats_path,
+                                save_grid)
 
     opts = opts or EvalOptions()
     t_start = time.time()
@@ -309,9 +310,18 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
         log(f"note: {ref_cfg.uri} split {ref_cfg.eval_split!r} has {len(ref_x)} images, fewer than "
             f"num_reference={opts.num_reference}: the reference uses all of them")
     dataset = Path(ref_cfg.uri.rstrip("/")).name or "data"
-    uri_tag = hashlib.sha256(ref_cfg.uri.encode()).hexdigest()[:8]
-    ref = reference_stats(f"{dataset}-{uri_tag}", ref_cfg.eval_split, ref_x, count=len(ref_x), image_size=side,
-                          batch_size=opts.batch_size, keep_features=True)
+
+    def cached_features(split: str, x: torch.Tensor):
+        """Inception statistics and features of real images, cached by their content: runs that
+        read the same images from other shard directories share one cache file."""
+        tag = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:8]
+        path = reference_stats_path(f"{dataset}-{tag}", split, len(x), side)
+        if not path.is_file():
+            log(f"Inception features of {len(x)} real {split} images (cached afterwards: {path})")
+        return reference_stats(f"{dataset}-{tag}", split, x, count=len(x), image_size=side,
+                               batch_size=opts.batch_size, keep_features=True)
+
+    ref = cached_features(ref_cfg.eval_split, ref_x)
     results["num_reference"] = len(ref_x)
 
     def scores(feats: np.ndarray) -> dict[str, float]:
@@ -323,7 +333,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     # the floor: real training images, as many as the samples, scored the same way
     train_cfg = dataclasses.replace(ref_cfg, eval_split=ref_cfg.split)
     real_x, _ = held_out(train_cfg, opts.num_samples, **pix)
-    results["real_vs_real"] = {**scores(inception_features(real_x, batch_size=opts.batch_size)),
+    results["real_vs_real"] = {**scores(cached_features(ref_cfg.split, real_x).features),
                                "num": len(real_x), "split": ref_cfg.split}
     floor = results["real_vs_real"]
     log(f"real vs real ({len(real_x)} {ref_cfg.split} images vs {len(ref_x)} {ref_cfg.eval_split}): "

@@ -83,6 +83,27 @@ def test_fid_halves_small_noise_large(features):
     assert noise > 300 and noise > 5 * halves, (noise, halves)
 
 
+def test_onnx_runtime_inception_matches_torchscript(fmnist, monkeypatch, tmp_path):
+    # the CPU default runs the FID-Inception under ONNX Runtime: same features, same FID
+    import biflow.metrics as m
+
+    monkeypatch.setenv("BIFLOW_CACHE_DIR", str(tmp_path))
+    ort_net = m.OrtInception(threads=torch.get_num_threads())
+    assert ort_net.path.parent == tmp_path / "fid" and ort_net.path.stat().st_size > 50e6
+    x = m.to_inception_input(fmnist[:16])
+    with torch.inference_mode():
+        want = m._torch_inception("cpu")(x)
+    got = ort_net(x)
+    assert got.shape == want.shape == (16, 2048)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert m.frechet_distance(*feature_stats(got.double().numpy()), *feature_stats(want.double().numpy())) < 1e-3
+    monkeypatch.setenv("BIFLOW_FID_RUNTIME", "torch")
+    assert m._inception("cpu") is m._torch_inception("cpu")
+    monkeypatch.setenv("BIFLOW_FID_RUNTIME", "tensorrt")
+    with pytest.raises(ValueError, match="BIFLOW_FID_RUNTIME='tensorrt': allowed values are auto, onnx, torch"):
+        m._inception("cpu")
+
+
 def test_grayscale_equals_replicated_rgb_and_any_size():
     x = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
     gray = inception_features(x)

@@ -170,6 +170,22 @@ def test_zero1_forward_then_zero3_reverse(train_data, tmp_path):
     ReverseModel(cfg.reverse, cfg.flow).load_state_dict(ema, strict=True)
 
 
+def test_time_budget_ends_the_stage_with_a_checkpoint(train_data, tmp_path):
+    # train.steps far out of reach: the 6 s budget ends the run, and the LR cosine has followed it down
+    fwd = fit(smoke("forward", ["train.steps=100000", "train.time_budget_s=6", "train.checkpoint_every=100000",
+                                "train.log_every=1", "optim.lr=0.002", "optim.min_lr_ratio=0.1"]),
+              name="fwd-budget", storage=str(tmp_path), datasets=train_data)
+    step = fwd.metrics["step"]
+    assert 3 <= step < 100000
+    ref = ckpt_io.find_checkpoint("fwd-budget", str(tmp_path))
+    assert ref.step == step  # the final checkpoint is the step the budget ran out at
+    meta = ref.metadata()
+    assert 6.0 <= meta["train_seconds"] < 30.0
+    lr = tb_scalars(tmp_path / "fwd-budget" / "tensorboard")["train/lr"]
+    assert max(lr.values()) == pytest.approx(0.002, rel=0.05)  # warmup reached the peak
+    assert lr[step] < 0.002 * 0.2  # near the floor (0.1 x) at the end of the budget
+
+
 @pytest.mark.slow  # out of CI's 30-min budget (make test-slow runs it): DeepSpeed ZeRO is the engine CI trains with
 def test_ddp_engine_under_ray(train_data, tmp_path):
     result = fit(smoke("forward", ["train.engine=ddp", "train.steps=8", "train.checkpoint_every=8",

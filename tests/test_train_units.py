@@ -50,6 +50,36 @@ def test_warmup_cosine_schedule():
     assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 110))
 
 
+def test_warmup_cosine_follows_a_time_budget():
+    cfg = smoke(overrides=["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    spent = {"frac": 0.0}
+    f = warmup_cosine(cfg.optim, total_steps=1000, time_fraction=lambda: spent["frac"])
+    assert f(5) == pytest.approx(0.6)  # warmup counts steps
+    assert f(20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 990)))  # steps lead
+    spent["frac"] = 0.5
+    assert f(20) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half the budget: half way down
+    spent["frac"] = 1.0
+    assert f(20) == pytest.approx(0.1)  # budget spent: at the floor, far before step 1000
+
+
+def test_stage_clock_counts_over_resumes():
+    from biflow.train.loop import StageClock
+
+    clock = StageClock(budget_s=10.0)
+    clock.resume(9.5)  # an earlier attempt had spent 9.5 s
+    assert not clock.expired and clock.fraction() == pytest.approx(0.95)
+    assert clock.remaining() == pytest.approx(0.5)
+    clock.sync(torch.device("cpu"))
+    assert 9.5 <= clock.elapsed < 10.0
+    clock.resume(10.0)
+    assert clock.expired and clock.fraction() == 1.0
+    free = StageClock(budget_s=0.0)
+    free.resume(1e6)
+    assert not free.expired and free.fraction() == 0.0 and free.remaining() == float("inf")
+    with pytest.raises(ConfigError, match=r"train.time_budget_s=-1.*>= 0"):
+        smoke(overrides=["train.time_budget_s=-1"])
+
+
 def test_param_ema_tracks_weights():
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.5)

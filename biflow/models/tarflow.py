@@ -58,7 +58,7 @@ class FlowBlock(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n, w) * 0.02)
         self.label_embed = LabelEmbedding(cfg.num_classes, w) if cfg.num_classes > 0 else None
         self.layers = nn.ModuleList(TransformerLayer(w, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(w)
+        self.norm = nn.LayerNorm(w) if cfg.out_norm else nn.Identity()
         self.proj_out = nn.Linear(w, 2 * d)
         nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity map
         nn.init.zeros_(self.proj_out.bias)

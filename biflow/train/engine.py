@@ -62,15 +62,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+def warmup_cosine(optim: OptimConfig, total_steps: int,
+                  time_fraction: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``. With
+    ``time_fraction`` (the share of a time budget spent, the same on every rank) the cosine
+    follows whichever of steps and time is further along, so a budget-limited stage still
+    ends at the floor."""
     warmup = max(0, min(optim.warmup_steps, total_steps - 1))
     floor = optim.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if time_fraction is not None:
+            progress = max(progress, time_fraction())
+        progress = min(1.0, progress)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -118,11 +125,16 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (all ranks agree)."""
+    return max_over_ranks(1.0 if flag else 0.0, device) > 0
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` of any rank, on every rank."""
     if not dist_on():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return float(value)
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -246,14 +258,16 @@ def _no_update(*objects: Any) -> Iterator[None]:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
+    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str,
+                 time_fraction: Callable[[], float] | None = None):
         super().__init__()
         import deepspeed
 
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.ds_config = deepspeed_config(cfg, world_size(), precision)
         optimizer = build_optimizer(module, cfg.optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps,
+                                                                              time_fraction))
         wrapped = _Zero3Outputs(module) if cfg.train.zero_stage == 3 else module
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -326,13 +340,15 @@ class _DDP(nn.parallel.DistributedDataParallel):
 class DDPEngine(Engine):
     """Plain PyTorch data parallel with the same optimizer, schedule and clipping."""
 
-    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str):
+    def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str,
+                 time_fraction: Callable[[], float] | None = None):
         super().__init__()
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.module = module.to(device)
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = build_optimizer(self.module, cfg.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.optim, cfg.train.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.optim, cfg.train.steps,
+                                                                                         time_fraction))
         if world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = _DDP(self.module, device_ids=ids)
@@ -390,12 +406,14 @@ class DDPEngine(Engine):
         return state["client_state"]
 
 
-def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device | None = None) -> Engine:
-    """DeepSpeed (``train.engine: deepspeed``) or plain DDP (``ddp``)."""
+def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device | None = None,
+                 time_fraction: Callable[[], float] | None = None) -> Engine:
+    """DeepSpeed (``train.engine: deepspeed``) or plain DDP (``ddp``); ``time_fraction``: see
+    :func:`warmup_cosine`."""
     device = device or resolve_device()
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-        return DeepSpeedEngine(module, cfg, device, precision)
-    return DDPEngine(module, cfg, device, precision)
+        return DeepSpeedEngine(module, cfg, device, precision, time_fraction)
+    return DDPEngine(module, cfg, device, precision, time_fraction)
 

@@ -37,8 +37,8 @@ from biflow.ema import EMA
 from biflow.errors import UserError
 from biflow.train import checkpoint as ckpt_io
 from biflow.train.callbacks import Callbacks
-from biflow.train.engine import (Engine, any_rank, build_engine, mean_over_ranks, rank, resolve_device,
-                                 world_size)
+from biflow.train.engine import (Engine, any_rank, build_engine, max_over_ranks, mean_over_ranks, rank,
+                                 resolve_device, world_size)
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,6 +55,40 @@ class TrainState:
     samples_seen: int = 0  # over all workers
     skipped_steps: int = 0  # attempts skipped for a non-finite loss or gradient
     ema_updates: int = 0
+    train_seconds: float = 0.0  # wall time of the training loop up to this state, over all resumes
+
+
+class StageClock:
+    """The training loop's wall time, summed over resumes, against ``train.time_budget_s``.
+
+    ``sync`` is called once per step; with a budget every rank takes the slowest rank's time
+    (one scalar all-reduce), so all ranks stop at the same step and follow the same LR."""
+
+    def __init__(self, budget_s: float):
+        self.budget, self.spent, self.elapsed = budget_s, 0.0, 0.0
+        self._t0 = time.perf_counter()
+
+    def resume(self, spent_s: float) -> None:
+        """Start counting now, on top of ``spent_s`` seconds of earlier attempts."""
+        self.spent = self.elapsed = spent_s
+        self._t0 = time.perf_counter()
+
+    def sync(self, device: torch.device) -> float:
+        self.elapsed = self.spent + time.perf_counter() - self._t0
+        if self.budget > 0:
+            self.elapsed = max_over_ranks(self.elapsed, device)
+        return self.elapsed
+
+    def fraction(self) -> float:
+        """Share of the budget spent (0 without a budget)."""
+        return min(1.0, self.elapsed / self.budget) if self.budget > 0 else 0.0
+
+    @property
+    def expired(self) -> bool:
+        return self.budget > 0 and self.elapsed >= self.budget
+
+    def remaining(self) -> float:
+        return max(0.0, self.budget - self.elapsed) if self.budget > 0 else float("inf")
 
 
 @dataclass
@@ -186,8 +220,8 @@ class Logger:
     and copied to ``RUN/tensorboard`` at every checkpoint.
     """
 
-    def __init__(self, run: RunInfo, stage: str, total_steps: int, enabled: bool):
-        self.enabled, self.stage, self.total = enabled, stage, total_steps
+    def __init__(self, run: RunInfo, stage: str, total_steps: int, enabled: bool, clock: StageClock | None = None):
+        self.enabled, self.stage, self.total, self.clock = enabled, stage, total_steps, clock
         self.run = run
         self.writer = None
         if not enabled:
@@ -214,6 +248,8 @@ class Logger:
         if not self.enabled:
             return
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+        if self.clock is not None and self.clock.budget > 0:
+            eta = min(eta, self.clock.remaining())
         width = len(str(self.total))
         print(f"[{self.stage}] step {step:>{width}}/{self.total} | loss {loss:.4f}{extra} | "
               f"{samples_per_s:,.0f} img/s | ETA {_fmt_duration(eta)}", flush=True)
@@ -391,7 +427,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     module = stage.build()
     torch.manual_seed(cfg.train.seed + 1000 * (rank() + 1))  # anything random beyond the losses differs per rank
-    engine = build_engine(module, cfg, device)
+    clock = StageClock(cfg.train.time_budget_s)
+    engine = build_engine(module, cfg, device, time_fraction=clock.fraction)
     ema = EMA(engine.module, cfg.optim.ema_decay)
     is_rank0 = rank() == 0
     say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
@@ -404,16 +441,21 @@ def train_loop(config: dict[str, Any]) -> None:
             f"(epoch {state.epoch}, {state.samples_seen} samples seen)")
     start_step = state.step
     total = cfg.train.steps
+    clock.resume(state.train_seconds)  # a run resumed with its budget spent takes no step
     nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     say(f"{run.name}: {nparams / 1e6:.2f}M params, {world_size()} workers, engine {cfg.train.engine}"
         f"{' ZeRO-' + str(cfg.train.zero_stage) if cfg.train.engine == 'deepspeed' else ''}, {engine.precision}, "
         f"device {device.type}, batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
 
-    logger = Logger(run, cfg.stage, total, enabled=is_rank0)
+    if cfg.train.time_budget_s > 0:
+        say(f"time budget {cfg.train.time_budget_s:g} s of training ({state.train_seconds:.0f} s spent): "
+            f"the stage ends at step {total} or when it is spent")
+    logger = Logger(run, cfg.stage, total, enabled=is_rank0, clock=clock)
     batches = _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
     consecutive_bad = 0
+    clock_started = False
     last_metrics: dict[str, float] = {}
     sample_labels = None
     if cfg.flow.num_classes > 0:
@@ -434,12 +476,15 @@ def train_loop(config: dict[str, Any]) -> None:
                 ckpt_io.mark_diverged(run.uri, run.endpoint, run.region, message)
             raise TrainingDiverged(message)
 
-    while state.step < total:
+    while state.step < total and not clock.expired:
         # one optimizer step = grad_accum micro-batches with a finite loss
         while True:
             t_wait = time.perf_counter()
             epoch, index, x, y = next(batches)
             window_wait += time.perf_counter() - t_wait
+            if not clock_started:  # the clock starts at the first batch: data start-up is not training time
+                clock.resume(state.train_seconds)
+                clock_started = True
             state.epoch, state.batch_in_epoch = epoch, index + 1
             x = x.to(device, engine.input_dtype, non_blocking=True)
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
@@ -468,8 +513,11 @@ def train_loop(config: dict[str, Any]) -> None:
         window["grad_norm"] += engine.last_grad_norm
 
         step = state.step
+        clock.sync(device)
+        state.train_seconds = clock.elapsed
+        last = step == total or clock.expired
         callbacks.on_step(step)
-        log_now = step % cfg.train.log_every == 0 or step == total
+        log_now = step % cfg.train.log_every == 0 or last
         if log_now:
             elapsed = time.perf_counter() - window_start - window_pause
             means = mean_over_ranks({k: v / window_steps for k, v in window.items()}, device)
@@ -497,8 +545,8 @@ def train_loop(config: dict[str, Any]) -> None:
             window.clear()
             window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
 
-        sample_now = cfg.train.sample_every > 0 and (step % cfg.train.sample_every == 0 or step == total)
-        ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total
+        sample_now = cfg.train.sample_every > 0 and (step % cfg.train.sample_every == 0 or last)
+        ckpt_now = step % cfg.train.checkpoint_every == 0 or last
         t_pause = time.perf_counter()
         ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
         if ckpt_now:  # before sampling: a grid that fails can never cost committed work
@@ -511,4 +559,6 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.sync()
         window_pause += time.perf_counter() - t_pause  # sampling and checkpoints are not training throughput
     logger.close()
-    say(f"done: step {state.step}, {state.skipped_steps} skipped steps")
+    budget = (f", time budget of {cfg.train.time_budget_s:g} s spent ({clock.elapsed:.0f} s)"
+              if clock.expired and state.step < total else "")
+    say(f"done: step {state.step}, {state.skipped_steps} skipped steps{budget}")
