@@ -25,19 +25,29 @@ def test_flow_train_flops_matches_a_hand_count():
     w, d, n = 8, 16, 4
     layer = (w * 3 * w + 3 * w) + (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w) + 2 * 2 * w  # 12W^2 + 13W
     assert layer == 872
+    block = (d * w + w) + (w * 2 * d + 2 * d) + 1 * layer  # proj_in, proj_out, layers (no out norm)
+    dense = 2 * block
+    assert dense == 2592
+    per_token = 6 * dense + 12 * (2 * 1) * w * n  # 6P + 12 L W N
+    f = flow_train_flops(cfg, batch=3)
+    assert f["dense_params"] == dense
+    assert f["flops_per_token"] == per_token == 16320
+    assert f["flops_per_step"] == 3 * n * per_token == 195840
+    # flow.out_norm adds a LayerNorm (2W parameters) before each block's proj_out
     block = (d * w + w) + (w * 2 * d + 2 * d) + 2 * w + 1 * layer  # proj_in, proj_out, norm, layers
     dense = 2 * block
     assert dense == 2624
-    per_token = 6 * dense + 12 * (2 * 1) * w * n  # 6P + 12 L W N
-    f = flow_train_flops(cfg, batch=3)
+    per_token = 6 * dense + 12 * (2 * 1) * w * n
+    f = flow_train_flops(FlowConfig(**TINY, out_norm=True), batch=3)
     assert f["dense_params"] == dense
     assert f["flops_per_token"] == per_token == 16512
     assert f["flops_per_step"] == 3 * n * per_token == 198144
     # the tables left out are exactly the position and label embeddings
     from biflow.models import TARFlow
 
-    total = sum(p.numel() for p in TARFlow(cfg).parameters())
+    total = sum(p.numel() for p in TARFlow(FlowConfig(**TINY, out_norm=True)).parameters())
     assert total == dense + 2 * (n * w + (10 + 1) * w)
+    assert sum(p.numel() for p in TARFlow(cfg).parameters()) == 2592 + 2 * (n * w + (10 + 1) * w)
 
 
 def _math_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
