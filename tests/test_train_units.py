@@ -80,6 +80,14 @@ def test_stage_clock_counts_over_resumes():
         smoke(overrides=["train.time_budget_s=-1"])
 
 
+def test_checkpoints_from_before_out_norm_load_with_their_norm():
+    old = {"config": {"stage": "forward", "flow": {"width": 32}}}
+    assert ckpt_io.saved_config(old)["flow"]["out_norm"] is True  # written when every block had the norm
+    assert "out_norm" not in old["config"]["flow"]  # the metadata itself is left as it was
+    new = {"config": {"stage": "forward", "flow": {"width": 32, "out_norm": False}}}
+    assert ckpt_io.saved_config(new)["flow"]["out_norm"] is False
+
+
 def test_param_ema_tracks_weights():
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.5)

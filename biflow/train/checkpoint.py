@@ -260,6 +260,16 @@ def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config, with the defaults it was written under: a flow saved before
+    ``flow.out_norm`` existed had the LayerNorm before its output projections."""
+    config = json.loads(json.dumps(meta["config"]))
+    flow = config.get("flow")
+    if isinstance(flow, dict) and "out_norm" not in flow:
+        flow["out_norm"] = True
+    return config
+
+
 def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str = "",
                     device: str | torch.device = "cpu", key: str = "CHECKPOINT") -> Loaded:
     """The EMA model of a checkpoint (run name, run dir or checkpoint dir/URI)."""
@@ -268,7 +278,7 @@ def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str
 
     ckpt = find_checkpoint(ref, storage, endpoint, region, key=key)
     meta = ckpt.metadata()
-    cfg = load_config(meta["config"])
+    cfg = load_config(saved_config(meta))
     stage = meta.get("stage", cfg.stage)
     model = TARFlow(cfg.flow) if stage == "forward" else ReverseModel(cfg.reverse, cfg.flow)
     missing, unexpected = model.load_state_dict(_clean_state(ckpt.ema_state()), strict=False)

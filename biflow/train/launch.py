@@ -67,7 +67,7 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
         if meta.get("stage") != "forward":
             raise ConfigError(f"train.forward_checkpoint={cfg.train.forward_checkpoint!r} is a "
                               f"{meta.get('stage')!r} checkpoint; the reverse stage needs a forward-stage one")
-        cfg.flow = from_dict(FlowConfig, meta["config"]["flow"], "flow")  # the flow as it was trained
+        cfg.flow = from_dict(FlowConfig, ckpt_io.saved_config(meta)["flow"], "flow")  # the flow as it was trained
         run.forward_checkpoint = ref.uri
         cfg.reverse.check_flow(cfg.flow, "the forward checkpoint")
 
