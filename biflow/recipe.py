@@ -84,7 +84,9 @@ class Recipe:
     # reverse variants on the same forward flow and budget (the first is usually the full model);
     # with ablations the recipe trains each, scores BiFlow only, and writes a table and chart
     ablations: list[AblationSpec] = field(default_factory=list)
-    report: str = ""  # ablations: also write ablation.md / .png / .json here (relative to the repo root)
+    # also write the results here (relative to the repo root): results.{json,md} and the sample grids,
+    # or with ablations ablation.{md,png,json}; "" = only OUT/eval
+    report: str = ""
     path: str = ""  # where it was loaded from (set by load_recipe)
 
     def stage_configs(self, out: Path, workers: int,
@@ -197,6 +199,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     results["goals"] = check_goals(results, recipe.goals)
     (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
     log(summary_table(results, rev_cfg.ray.storage, recipe))
+    if recipe.report:
+        report = write_results_report(results, recipe, JOBS_DIR.parent / recipe.report)
+        log(f"report: {report}")
     return results
 
 
@@ -273,6 +278,77 @@ def write_ablation_report(summary: dict[str, Any], table: str, out_dir: Path) ->
     (out_dir / "ablation.md").write_text(f"# Ablation: {summary['recipe']['name']}\n\n{table}\n\n"
                                          f"{summary['num_samples']} samples per row. Paper FIDs: the BiFlow paper's "
                                          "B/2 ImageNet-256 ablations (METHOD.md), for direction only.\n")
+
+
+GOAL_LABELS = {"recon_psnr_db": "denoising PSNR of G(F(x̃)) vs x (dB)"}
+
+
+def results_markdown(results: dict[str, Any], recipe: Recipe | None = None) -> str:
+    """The results of a recipe as Markdown: samplers, the real-vs-real floor, the goals, bits/dim,
+    PSNR and wall time (what the README quotes; ``report`` writes it beside the JSON)."""
+    n, ref = results["num_samples"], results.get("num_reference") or 0
+    head = f"{n} samples" + (f" vs {ref:,} reference images" if ref else "")
+    lines = [f"| sampler ({head}) | NFE | FID | KID x1e3 | ms/img (batch {_timing_batch(results)}) | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for key, r in results["samplers"].items():
+        nfe = "serial" if r["sampler"] == "exact" else ("2" if r["sampler"] == "biflow-cfg2" and r["guidance"] else "1")
+        kid = f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f}" if "kid" in r else ""
+        speed = f"{r['speedup_vs_exact']:.1f}x" if r.get("speedup_vs_exact") else ""
+        lines.append(f"| {key} | {nfe} | {r['fid']:.2f} | {kid} | {r['ms_per_image']:.2f} | {speed} |")
+    if results.get("real_vs_real"):
+        f = results["real_vs_real"]
+        lines.append(f"| real vs real ({f['num']} {f['split']} images, the floor) | | {f['fid']:.2f} | "
+                     f"{1e3 * f['kid']:.2f} ± {1e3 * f['kid_se']:.2f} | | |")
+    goals = results.get("goals") or {}
+    if goals:
+        lines += ["", "| goal | measured | target | |", "|---|---|---|---|"]
+        for name, g in goals.items():
+            bound = f"≤ {g['max']:g}" if "max" in g else f"≥ {g['min']:g}"
+            lines.append(f"| {GOAL_LABELS.get(name, name)} | {g['value']:.3f} | {bound} | "
+                         f"{'met' if g['met'] else '**missed**'} |")
+    lines.append("")
+    bpd = f"bits/dim {results['bpd']:.3f} at σ = {results['noise_std']:g}"
+    if results.get("bpd_excess_over_floor") is not None:
+        bpd += f" ({results['bpd_excess_over_floor']:.3f} over the noise floor)"
+    if results.get("bpd_dequantized") is not None:
+        bpd += f", {results['bpd_dequantized']:.3f} with uniform dequantisation"
+    lines.append(bpd + ".")
+    if results.get("recon_psnr_db") is not None:
+        lines.append(f"Denoising PSNR of G(F(x̃)) vs x {results['recon_psnr_db']:.2f} dB; inversion PSNR "
+                     f"(vs x̃) {results.get('inversion_psnr_db', float('nan')):.2f} dB.")
+    c, t = results.get("checkpoint") or {}, results.get("timings") or {}
+    if t:
+        lines.append(f"Wall time {t['total_s'] / 60:.1f} min: data {t['data_s']:.0f} s, forward {t['forward_s']:.0f} s"
+                     f" (to step {c.get('forward_step', '?')}), reverse {t['reverse_s']:.0f} s (to step "
+                     f"{c.get('reverse_step', '?')}), evaluation {t['eval_s']:.0f} s.")
+    m = results.get("machine") or {}
+    if m:
+        lines.append(f"Machine: {m.get('device_name', '?')} ({m.get('device', '?')}), {m.get('cpu_count', '?')} cores, "
+                     f"torch {m.get('torch', '?')}.")
+    title = recipe.description if recipe and recipe.description else "biflow results"
+    return f"# {title}\n\n" + "\n".join(lines) + "\n"
+
+
+def _timing_batch(results: dict[str, Any]) -> Any:
+    return next(iter(results["samplers"].values())).get("timing_batch", "?")
+
+
+def write_results_report(results: dict[str, Any], recipe: Recipe, out_dir: Path) -> Path:
+    """``results.json``, ``results.md`` and the sample grids (``samples-<sampler>-w<g>.png``) in ``out_dir``;
+    the JSON's grid paths point at the copies. Returns the Markdown file."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = json.loads(json.dumps(results))
+    for r in results["samplers"].values():
+        grid = Path(r["grid"])
+        if grid.is_file():
+            shutil.copy(grid, out_dir / grid.name)
+            r["grid"] = grid.name  # relative to the report
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    md = out_dir / "results.md"
+    md.write_text(results_markdown(results, recipe))
+    return md
 
 
 def check_goals(results: dict[str, Any], goals: Goals) -> dict[str, Any]:

@@ -102,3 +102,31 @@ def test_ablation_recipe_rows_are_valid_reverse_configs(tmp_path):
     assert cfg.reverse.guidance_max == 0
     with pytest.raises(ConfigError, match="ablations need distinct names"):
         load_recipe(ROOT / "jobs" / "eval" / "ablation.yaml", ["ablations=[{name: a}, {name: a}]"])
+
+
+def test_results_report_copies_grids_and_marks_missed_goals(tmp_path):
+    from biflow.recipe import write_results_report
+
+    grid = tmp_path / "eval" / "samples-biflow-w1.png"
+    grid.parent.mkdir()
+    grid.write_bytes(b"png")
+    results = {"num_samples": 2000, "num_reference": 10000, "noise_std": 0.1, "bpd": 6.4461, "recon_psnr_db": 18.7,
+               "inversion_psnr_db": 18.71, "real_vs_real": {"fid": 7.94, "kid": 0.0, "kid_se": 1e-5, "num": 2000,
+                                                            "split": "train"},
+               "samplers": {"biflow@w=1": {"sampler": "biflow", "guidance": 1.0, "fid": 106.936, "kid": 0.0782,
+                                           "kid_se": 0.0002, "ms_per_image": 3.71, "timing_batch": 16,
+                                           "speedup_vs_exact": 12.13, "grid": str(grid)}}}
+    results["goals"] = check_goals(results, Goals(recon_psnr_min_db=30.0, biflow_fid_max=40.0))
+    recipe = load_recipe(ROOT / "jobs" / "eval" / "fashion-mnist.yaml")
+    md = write_results_report(results, recipe, tmp_path / "docs" / "quality")
+    text = md.read_text()
+    assert "| biflow@w=1 | 1 | 106.94 | 78.20 ± 0.20 | 3.71 | 12.1x |" in text
+    assert "| fid@biflow@w=1 | 106.936 | ≤ 40 | **missed** |" in text
+    assert "| denoising PSNR of G(F(x̃)) vs x (dB) | 18.700 | ≥ 30 | **missed** |" in text
+    assert "bits/dim 6.446 at σ = 0.1." in text
+    assert (tmp_path / "docs" / "quality" / "samples-biflow-w1.png").read_bytes() == b"png"
+    import json
+
+    saved = json.loads((tmp_path / "docs" / "quality" / "results.json").read_text())
+    assert saved["samplers"]["biflow@w=1"]["grid"] == "samples-biflow-w1.png"
+    assert results["samplers"]["biflow@w=1"]["grid"] == str(grid)  # the caller's dict is left as it was
