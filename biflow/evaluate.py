@@ -34,6 +34,14 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------------
 
 
+def content_key(x: torch.Tensor) -> str:
+    """8 hex digits that name a set of images by content, whatever their order: the sha256 of
+    the sorted per-image sha256 digests (the key of the cached real-image features)."""
+    rows = x.reshape(len(x), -1).contiguous().numpy()
+    digests = sorted(hashlib.sha256(r.tobytes()).digest() for r in rows)
+    return hashlib.sha256(b"".join(digests)).hexdigest()[:8]
+
+
 def _labels(n: int, num_classes: int, seed: int) -> torch.Tensor | None:
     if num_classes == 0:
         return None
@@ -313,8 +321,8 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
 
     def cached_features(split: str, x: torch.Tensor):
         """Inception statistics and features of real images, cached by their content: runs that
-        read the same images from other shard directories share one cache file."""
-        tag = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:8]
+        read the same images (in any order) from other shard directories share one cache file."""
+        tag = content_key(x)
         path = reference_stats_path(f"{dataset}-{tag}", split, len(x), side)
         if not path.is_file():
             log(f"Inception features of {len(x)} real {split} images (cached afterwards: {path})")

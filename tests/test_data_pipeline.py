@@ -77,6 +77,22 @@ def test_train_batches_float_flip_and_shapes(fmnist_s3):
     assert x32.shape == (16, 3, 32, 32) and torch.equal(x32[:, 0], x32[:, 2])
 
 
+def test_evaluation_reads_are_ordered_so_the_feature_cache_hits(fmnist_s3):
+    """iter_split outside training keeps the file order: a limit picks the same images every
+    time, and the content key of the cached FID features is the same for every read."""
+    from biflow.evaluate import content_key
+
+    cfg, manifest, pixels, labels = fmnist_s3
+    assert len(manifest.shard_paths("train")) >= 4
+    reads = [torch.cat([x for x, _ in iter_split(cfg, "train", 100, limit=700)]) for _ in range(3)]
+    assert all(torch.equal(reads[0], r) for r in reads[1:])
+    whole = torch.cat([x for x, _ in iter_split(cfg, "train", 100)])
+    assert torch.equal(whole[:700], reads[0])  # the limit is a prefix of the ordered split
+    key = content_key(whole)
+    assert content_key(whole[torch.randperm(len(whole))]) == key  # any order: the same set
+    assert content_key(whole[1:]) != key and content_key(reads[0]) != key
+
+
 def test_two_consumers_split_each_epoch(fmnist_s3):
     cfg, *_ = fmnist_s3
     ds = build_dataset(cfg, "train", train=True, with_keys=True)

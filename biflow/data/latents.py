@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from biflow.data import storage
-from biflow.data.pipeline import _classic_parquet_reader
+from biflow.data.pipeline import _classic_parquet_reader, preserve_order
 from biflow.data.shards import MANIFEST, Manifest, _try_read_manifest, ensure_ray, read_manifest, table_bytes
 from biflow.errors import UserError
 
@@ -93,7 +93,6 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
                     force: bool = False, progress: bool = True, num_cpus: int | None = None) -> Manifest:
     """Encode the image shards at ``source_uri`` into latent shards at ``out_uri``."""
     import ray
-    from ray.data import DataContext
 
     src = read_manifest(source_uri, endpoint, region)
     if src.kind != "pixels":
@@ -116,8 +115,6 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
     ensure_ray(num_cpus)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     scaling_factor = _scaling_factor(autoencoder)
-    ctx = DataContext.get_current()
-    old_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     t0 = time.perf_counter()
     manifest: dict[str, Any] = {
         "format_version": src.data["format_version"], "kind": "latents", "fingerprint": fingerprint,
@@ -127,7 +124,7 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
         "source_image_size": image_size or src.image_size, "options": options, "splits": {},
     }
     stats = None
-    try:
+    with preserve_order():
         for split in splits:
             paths = [storage.join(in_root, p) for p in src.shard_paths(split)]
             with _classic_parquet_reader():
@@ -163,8 +160,6 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
                 std = np.sqrt(np.maximum(moments[c:2 * c] / count - mean**2, 1e-12))
                 stats = {"latent_shape": shape, "latent_mean": mean.tolist(), "latent_std": std.tolist(),
                          "stats_split": split}
-    finally:
-        ctx.execution_options.preserve_order = old_order
     manifest.update(stats or {})
     manifest["image_size"] = manifest["latent_shape"][1]
     manifest["channels"] = manifest["latent_shape"][0]

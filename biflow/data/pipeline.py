@@ -185,7 +185,7 @@ def build_dataset(data_cfg: DataConfig, split: str | None = None, image_size: in
 
     ``image_size``/``channels`` default to what the manifest stored. ``train``
     turns on the shuffled file order and ``data_cfg.random_flip``; otherwise
-    nothing is random (evaluation; every record once, in no particular order).
+    nothing is random (evaluation; every record once; :func:`iter_split` keeps the file order).
     ``with_keys`` keeps the ``key`` column (tests, debugging). Shards that are
     missing or whose size differs from the manifest (truncated, overwritten) are
     skipped with a warning; ``stats`` names a :func:`data_stats_actor` that counts
@@ -294,7 +294,25 @@ def iter_split(data_cfg: DataConfig, split: str | None = None, batch_size: int =
     from biflow.data.shards import ensure_ray
 
     ensure_ray()
-    ds = build_dataset(data_cfg, split, image_size, channels, train=train, seed=seed, limit=limit)
+    # evaluation reads in file order, so a limit picks the same records every time and the
+    # FID cache (keyed by content) is hit; training keeps Ray Data's faster unordered streaming
+    with contextlib.nullcontext() if train else preserve_order():
+        ds = build_dataset(data_cfg, split, image_size, channels, train=train, seed=seed, limit=limit)
     yield from iter_worker_batches(ds, batch_size, epoch=epoch, seed=seed,
                                    shuffle_buffer=data_cfg.shuffle_buffer if train else 0,
                                    drop_last=drop_last, device=device)
+
+
+@contextlib.contextmanager
+def preserve_order() -> Iterator[None]:
+    """Ray Data datasets created inside keep their input order when they run (the files in the
+    given order, then their rows): a dataset copies the current ``DataContext`` when it is made.
+    The old setting is restored on exit."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = old
