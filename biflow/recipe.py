@@ -273,8 +273,12 @@ def write_ablation_report(summary: dict[str, Any], table: str, out_dir: Path) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(summary, indent=2))
     w0 = [r for r in summary["rows"] if r["guidance"] == min(x["guidance"] for x in summary["rows"])]
+    w = w0[0]["guidance"]
+    exact = summary["exact"].get(f"exact@w={w:g}")
+    lines = {"exact inverse": exact["fid"]} if exact else {}
+    lines["real vs real"] = summary["real_vs_real"]["fid"]
     bar_chart(out_dir / "ablation.png", [r["ablation"] for r in w0], [r["fid"] for r in w0], "FID",
-              f"{summary['recipe']['name']}: FID at w={w0[0]['guidance']:g} ({summary['num_samples']} samples)")
+              f"{summary['recipe']['name']}: BiFlow FID at w={w:g} ({summary['num_samples']} samples)", lines=lines)
     (out_dir / "ablation.md").write_text(f"# Ablation: {summary['recipe']['name']}\n\n{table}\n\n"
                                          f"{summary['num_samples']} samples per row. Paper FIDs: the BiFlow paper's "
                                          "B/2 ImageNet-256 ablations (METHOD.md), for direction only.\n")

@@ -130,3 +130,23 @@ def test_results_report_copies_grids_and_marks_missed_goals(tmp_path):
     saved = json.loads((tmp_path / "docs" / "quality" / "results.json").read_text())
     assert saved["samplers"]["biflow@w=1"]["grid"] == "samples-biflow-w1.png"
     assert results["samplers"]["biflow@w=1"]["grid"] == str(grid)  # the caller's dict is left as it was
+
+
+def test_ablation_report_writes_table_chart_and_json(tmp_path):
+    import json
+
+    from biflow.recipe import ablation_table, write_ablation_report
+
+    row = {"description": "", "sampler": "biflow", "nfe": 1, "guidance": 1.0, "kid": 0.3, "kid_se": 4e-4,
+           "recon_psnr_db": 12.3, "paper": ""}
+    summary = {"recipe": {"name": "ablation"}, "num_samples": 300,
+               "rows": [{**row, "ablation": "full", "fid": 270.45}, {**row, "ablation": "no-alignment", "fid": 279.96,
+                                                                    "paper": "43.41 vs 36.93"}],
+               "exact": {"exact@w=1": {"guidance": 1.0, "fid": 212.59, "kid": 0.169, "kid_se": 4e-4}},
+               "real_vs_real": {"fid": 39.07, "kid": -2.5e-4, "kid_se": 3e-5}}
+    write_ablation_report(summary, ablation_table(summary), tmp_path)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| no-alignment | biflow | 1 | 1 | 279.96 | 300.00 ± 0.40 | 12.30 | 43.41 vs 36.93 |" in md
+    assert "| exact inverse | exact | serial | 1 | 212.59 |" in md and "| real vs real (floor) | | | | 39.07 |" in md
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["fid"] == 270.45
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,8 @@ from biflow.timing import machine_info, timeit, write_results
 
 
 def bar_chart(path: str | Path, labels: list[str], values: list[float], ylabel: str, title: str,
-              log: bool = False) -> None:
+              log: bool = False, lines: dict[str, float] | None = None) -> None:
+    """A labelled bar per value; ``lines`` draws named horizontal references (a baseline, a floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,6 +30,10 @@ def bar_chart(path: str | Path, labels: list[str], values: list[float], ylabel: 
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
+    for (name, y), style in zip((lines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(y, color="#C44E52", linestyle=style, linewidth=1.2, label=f"{name} ({y:.3g})")
+    if lines:
+        ax.legend(fontsize=8, loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
