@@ -233,8 +233,8 @@ def run_ablations(recipe: Recipe, out: Path, workers: int, overrides: list[str],
                          "kid": r["kid"], "kid_se": r["kid_se"], "recon_psnr_db": res["recon_psnr_db"],
                          "paper": ab.paper})
     timings["total_s"] = time.time() - t0
-    summary = {"recipe": {"name": recipe.name, "path": recipe.path, "workers": workers, "overrides": overrides,
-                          "reverse_steps": rev_cfg.train.steps},
+    summary = {"recipe": {"name": recipe.name, "description": recipe.description, "path": recipe.path,
+                          "workers": workers, "overrides": overrides, "reverse_steps": rev_cfg.train.steps},
                "num_samples": opts.num_samples, "rows": rows, "exact": exact["samplers"],
                "real_vs_real": exact["real_vs_real"], "timings": timings, "machine": exact["machine"], "goals": {}}
     (out / "eval" / "results.json").write_text(json.dumps(summary, indent=2))
@@ -279,7 +279,8 @@ def write_ablation_report(summary: dict[str, Any], table: str, out_dir: Path) ->
     lines["real vs real"] = summary["real_vs_real"]["fid"]
     bar_chart(out_dir / "ablation.png", [r["ablation"] for r in w0], [r["fid"] for r in w0], "FID",
               f"{summary['recipe']['name']}: BiFlow FID at w={w:g} ({summary['num_samples']} samples)", lines=lines)
-    (out_dir / "ablation.md").write_text(f"# Ablation: {summary['recipe']['name']}\n\n{table}\n\n"
+    title = summary["recipe"].get("description") or f"Ablation: {summary['recipe']['name']}"
+    (out_dir / "ablation.md").write_text(f"# {title}\n\n{table}\n\n"
                                          f"{summary['num_samples']} samples per row. Paper FIDs: the BiFlow paper's "
                                          "B/2 ImageNet-256 ablations (METHOD.md), for direction only.\n")
 
