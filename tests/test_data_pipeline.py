@@ -82,7 +82,7 @@ def test_evaluation_reads_are_ordered_so_the_feature_cache_hits(fmnist_s3):
     time, and the content key of the cached FID features is the same for every read."""
     from biflow.evaluate import content_key
 
-    cfg, manifest, pixels, labels = fmnist_s3
+    cfg, manifest, _, _ = fmnist_s3
     assert len(manifest.shard_paths("train")) >= 4
     reads = [torch.cat([x for x, _ in iter_split(cfg, "train", 100, limit=700)]) for _ in range(3)]
     assert all(torch.equal(reads[0], r) for r in reads[1:])
