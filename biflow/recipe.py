@@ -229,7 +229,7 @@ def run_ablations(recipe: Recipe, out: Path, workers: int, overrides: list[str],
         for w in opts.guidance:
             r = res["samplers"][f"{ab.sampler}@w={w:g}"]
             rows.append({"ablation": ab.name, "description": ab.description, "sampler": ab.sampler,
-                         "nfe": 2 if ab.sampler == "biflow-cfg2" and w else 1, "guidance": w, "fid": r["fid"],
+                         "nfe": nfe(ab.sampler, w), "guidance": w, "fid": r["fid"],
                          "kid": r["kid"], "kid_se": r["kid_se"], "recon_psnr_db": res["recon_psnr_db"],
                          "paper": ab.paper})
     timings["total_s"] = time.time() - t0
@@ -288,6 +288,18 @@ def write_ablation_report(summary: dict[str, Any], table: str, out_dir: Path) ->
 GOAL_LABELS = {"recon_psnr_db": "denoising PSNR of G(F(x̃)) vs x (dB)"}
 
 
+def nfe(sampler: str, guidance: float) -> int | str:
+    """Network evaluations per sample: BiFlow 1 (2 with inference-time CFG at w > 0); the exact
+    inverse decodes token by token ("serial")."""
+    if sampler == "exact":
+        return "serial"
+    return 2 if sampler == "biflow-cfg2" and guidance else 1
+
+
+def goal_bound(goal: dict[str, Any], le: str = "≤", ge: str = "≥") -> str:
+    return f"{le} {goal['max']:g}" if "max" in goal else f"{ge} {goal['min']:g}"
+
+
 def results_markdown(results: dict[str, Any], recipe: Recipe | None = None) -> str:
     """The results of a recipe as Markdown: samplers, the real-vs-real floor, the goals, bits/dim,
     PSNR and wall time (what the README quotes; ``report`` writes it beside the JSON)."""
@@ -296,10 +308,9 @@ def results_markdown(results: dict[str, Any], recipe: Recipe | None = None) -> s
     lines = [f"| sampler ({head}) | NFE | FID | KID x1e3 | ms/img (batch {_timing_batch(results)}) | speed-up |",
              "|---|---|---|---|---|---|"]
     for key, r in results["samplers"].items():
-        nfe = "serial" if r["sampler"] == "exact" else ("2" if r["sampler"] == "biflow-cfg2" and r["guidance"] else "1")
         kid = f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f}" if "kid" in r else ""
         speed = f"{r['speedup_vs_exact']:.1f}x" if r.get("speedup_vs_exact") else ""
-        lines.append(f"| {key} | {nfe} | {r['fid']:.2f} | {kid} | {r['ms_per_image']:.2f} | {speed} |")
+        lines.append(f"| {key} | {nfe(r['sampler'], r['guidance'])} | {r['fid']:.2f} | {kid} | {r['ms_per_image']:.2f} | {speed} |")
     if results.get("real_vs_real"):
         f = results["real_vs_real"]
         lines.append(f"| real vs real ({f['num']} {f['split']} images, the floor) | | {f['fid']:.2f} | "
@@ -308,8 +319,7 @@ def results_markdown(results: dict[str, Any], recipe: Recipe | None = None) -> s
     if goals:
         lines += ["", "| goal | measured | target | |", "|---|---|---|---|"]
         for name, g in goals.items():
-            bound = f"≤ {g['max']:g}" if "max" in g else f"≥ {g['min']:g}"
-            lines.append(f"| {GOAL_LABELS.get(name, name)} | {g['value']:.3f} | {bound} | "
+            lines.append(f"| {GOAL_LABELS.get(name, name)} | {g['value']:.3f} | {goal_bound(g)} | "
                          f"{'met' if g['met'] else '**missed**'} |")
     lines.append("")
     bpd = f"bits/dim {results['bpd']:.3f} at σ = {results['noise_std']:g}"
@@ -341,10 +351,11 @@ def _timing_batch(results: dict[str, Any]) -> Any:
 def write_results_report(results: dict[str, Any], recipe: Recipe, out_dir: Path) -> Path:
     """``results.json``, ``results.md`` and the sample grids (``samples-<sampler>-w<g>.png``) in ``out_dir``;
     the JSON's grid paths point at the copies. Returns the Markdown file."""
+    import copy
     import shutil
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = json.loads(json.dumps(results))
+    results = copy.deepcopy(results)
     for r in results["samplers"].values():
         grid = Path(r["grid"])
         if grid.is_file():
@@ -402,8 +413,8 @@ def summary_table(results: dict[str, Any], storage: str, recipe: Recipe | None =
     if results.get("inversion_psnr_db") is not None:
         lines.append(f"inversion PSNR G(F(x~)) vs x~ {results['inversion_psnr_db']:.2f} dB")
     for name, g in (results.get("goals") or {}).items():
-        bound = f"<= {g['max']:g}" if "max" in g else f">= {g['min']:g}"
-        lines.append(f"goal {name:<22} {g['value']:.3f} {bound}: {'met' if g['met'] else 'NOT met'}")
+        lines.append(f"goal {name:<22} {g['value']:.3f} {goal_bound(g, '<=', '>=')}: "
+                     f"{'met' if g['met'] else 'NOT met'}")
     if t:
         lines.append(f"wall time {t['total_s'] / 60:.1f} min (data {t['data_s']:.0f}s, forward {t['forward_s']:.0f}s, "
                      f"reverse {t['reverse_s']:.0f}s, eval {t['eval_s']:.0f}s)")

@@ -82,7 +82,8 @@ def _concurrency(spec: SearchSpec, cfg: ExperimentConfig) -> int:
 
 
 def _reference_stats(cfg: ExperimentConfig, n: int, batch_size: int, log: Log) -> tuple:
-    """Inception statistics of ``n`` held-out images (data.eval_split), cached like ``biflow evaluate``."""
+    """Inception statistics of ``n`` held-out images (data.eval_split), cached under the data URI (not the
+    images' content, as ``biflow evaluate`` does), so a cache hit reads no images."""
     import hashlib
 
     import torch
