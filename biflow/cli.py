@@ -67,7 +67,8 @@ def cluster_render_cmd(
 @friendly_errors
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where shards, runs and results go."),
-    workers: int = typer.Option(2, help="Ray Train workers (DeepSpeed ranks)."),
+    workers: int = typer.Option(0, help="Ray Train workers per stage (0 = automatic: on a machine with up to 4 cores, "
+                                        "one worker with every core; else the job files' 2 ZeRO-2 ranks)."),
     set_: Optional[List[str]] = SetOption,
     num_samples: int = typer.Option(0, help="Samples per sampler for FID (0 = jobs/eval/quickstart.yaml's)."),
 ) -> None:
@@ -180,6 +181,29 @@ def bench_perceptual_cmd(
     bench_perceptual(out, job=job, rounds=rounds, batch=batch)
 
 
+@bench_app.command("levers")
+@friendly_errors
+def bench_levers_cmd(
+    forward: str = typer.Option(..., help="Trained forward flow: run name under --storage or a checkpoint path."),
+    storage: str = typer.Option("runs", help="Run storage the --forward run name is looked up in."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for levers.json and .png."),
+    job: str = typer.Option("quickstart", help="Reverse job under jobs/: <job>-reverse.yaml (the variants' base)."),
+    steps: int = typer.Option(300, help="Optimizer steps per variant."),
+    eval_every: int = typer.Option(100, help="Held-out PSNR every N steps."),
+    batch: int = typer.Option(0, help="Rows per step (0 = the job's train.batch_size)."),
+    variant: Optional[list[str]] = typer.Option(None, help="Only these variants (default: all)."),
+) -> None:
+    """Reverse-model levers (z skip, curriculum, guidance, perceptual) on cached flow trajectories: held-out PSNR at fixed steps."""
+    from biflow.bench.levers import DEFAULT_VARIANTS, bench_levers
+
+    unknown = [v for v in variant or [] if v not in DEFAULT_VARIANTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown variant(s) {unknown}; allowed: {', '.join(DEFAULT_VARIANTS)}")
+    chosen = {k: v for k, v in DEFAULT_VARIANTS.items() if not variant or k in variant}
+    bench_levers(forward, out, job=job, steps=steps, eval_every=eval_every, batch=batch, variants=chosen,
+                 storage=storage, log=lambda msg: print(msg, flush=True))
+
+
 @bench_app.command("train")
 @friendly_errors
 def bench_train_cmd(
@@ -191,12 +215,15 @@ def bench_train_cmd(
     memory: bool = typer.Option(True, help="Measure per-rank model-state memory, ZeRO-3 vs ZeRO-0."),
     mfu: bool = typer.Option(True, help="Measure bf16 forward-flow training MFU (CUDA only)."),
     peak_tflops: Optional[float] = typer.Option(None, help="bf16 peak TFLOP/s of the GPU (default: known GPUs)."),
+    layouts: bool = typer.Option(True, help="Also time one worker with every core (the quickstart's layout), "
+                                            "DDP and ZeRO-2."),
 ) -> None:
-    """ZeRO-2 under Ray Train vs a plain PyTorch loop (samples/s), ZeRO-3 vs ZeRO-0 memory, GPU MFU."""
+    """ZeRO-2 under Ray Train vs a plain PyTorch loop (samples/s), the quickstart's layout, a step's breakdown,
+    ZeRO-3 vs ZeRO-0 memory, GPU MFU."""
     from biflow.bench import bench_train
 
     bench_train(out, preset=preset, workers=workers, window=window, windows=windows, memory=memory, mfu=mfu,
-                peak_tflops=peak_tflops)
+                peak_tflops=peak_tflops, layouts=layouts)
 
 
 @bench_app.command("all")

@@ -141,6 +141,18 @@ class ReverseConfig:
     guidance_mix: Literal["all", "output"] = "all"  # CFG target on every aligned state or output only
     guidance_grad_uncond: bool = False  # backprop through the unconditional stream
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    # A zero-initialised linear path from z to the output, added to G's prediction: the flow's
+    # blocks are nearly linear, so a linear map from z already explains much of x (a ridge fit
+    # reached 17 dB on the quickstart flow) and the ViT learns the rest. none | token: one
+    # D x D map per token position (N*D^2 weights: 65k at the ImageNet-256 latent shape) |
+    # lowrank: token + a rank-z_skip_rank map across all dimensions | dense: a full
+    # (C*H*W)^2 map (615k weights at 28x28x1, 16.8M at 4x32x32)
+    z_skip: Literal["none", "token", "lowrank", "dense"] = "none"
+    z_skip_rank: int = 64
+    # curriculum: training-time CFG and the perceptual term switch on once the stage's progress
+    # (the larger of step / train.steps and the share of train.time_budget_s spent) reaches these
+    guidance_start: float = 0.0
+    perceptual_start: float = 0.0
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> "ReverseConfig":
@@ -160,6 +172,11 @@ class ReverseConfig:
             raise ConfigError(f"{path}.guidance_p_zero must be in [0, 1], got {self.guidance_p_zero}")
         if self.guidance_shape <= 0:
             raise ConfigError(f"{path}.guidance_shape must be > 0, got {self.guidance_shape}")
+        if self.z_skip_rank < 1:
+            raise ConfigError(f"{path}.z_skip_rank must be >= 1, got {self.z_skip_rank}")
+        for name in ("guidance_start", "perceptual_start"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{path}.{name} must be in [0, 1] (a share of the stage), got {getattr(self, name)}")
 
     def check_flow(self, flow: FlowConfig, flow_source: str = "") -> None:
         """One reverse segment per forward block: ``depth >= flow.num_blocks``.

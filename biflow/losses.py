@@ -12,6 +12,7 @@ scalar tensor to backpropagate, the metrics are plain floats for logging.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -129,33 +130,70 @@ def sample_guidance(y: Tensor | None, w_max: float, num_classes: int, batch: int
     return torch.where(y == num_classes, torch.zeros_like(w), w)
 
 
-def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
-                 feature_net: Callable | None = None,
-                 generator: torch.Generator | None = None,
-                 decode: Callable[..., Tensor] | None = None,
-                 step: int | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Stage-2 objective for the reverse model G given a frozen forward flow F.
+@dataclass
+class TrainingPair:
+    """One batch of stage-2 training data: clean x, the flow's noisy input x~ = x + sigma*eps,
+    the (label-dropped) labels it saw, and its trajectory x~ = x^0 -> ... -> x^B = z."""
 
-    Pairs are made on the fly: x_noisy = x + sigma * eps, and F's trajectory
-    x_noisy = x^0 -> ... -> x^B = z. G(z | c, w) must reproduce each x^k at
-    its aligned depth and the clean x at the output.
+    x: Tensor
+    x_noisy: Tensor
+    y: Tensor | None
+    states: list[Tensor]
 
-    ``decode`` (latent data: :meth:`biflow.data.latents.LatentCodec.decode`) maps
-    latents to images for the perceptual term, with gradients through the frozen
-    decoder. The frozen flow always runs in fp32, outside any autocast: its
-    trajectory is the target, and bf16 rounding would move it.
 
-    Training-time guidance draws w per row (:func:`sample_guidance`; ``step`` drives
-    the warm start) and runs the unconditional stream only on rows with w > 0: for the
-    others the CFG combination is the guided output itself.
-    """
-    b = x.shape[0]
+def make_pairs(flow, x: Tensor, y: Tensor | None, fcfg: FlowConfig,
+               generator: torch.Generator | None = None) -> TrainingPair:
+    """Noise, label drop and the frozen flow's trajectory. The flow always runs in fp32, outside
+    any autocast: its trajectory is the target, and bf16 rounding would move it."""
     x_noisy = x + fcfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     y_in = drop_labels(y, fcfg.label_drop, fcfg.num_classes, generator)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         traj = flow(x_noisy.float(), y_in)
-    z = traj.z.detach()
+    return TrainingPair(x=x, x_noisy=x_noisy, y=y_in, states=[s.detach() for s in traj.states])
+
+
+def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
+                 feature_net: Callable | None = None,
+                 generator: torch.Generator | None = None,
+                 decode: Callable[..., Tensor] | None = None,
+                 step: int | None = None,
+                 progress: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Stage-2 objective for the reverse model G given a frozen forward flow F.
+
+    Pairs are made on the fly (:func:`make_pairs`): x_noisy = x + sigma * eps, and F's
+    trajectory x_noisy = x^0 -> ... -> x^B = z. G(z | c, w) must reproduce each x^k at
+    its aligned depth and the clean x at the output (:func:`reverse_objective`).
+    """
+    pair = make_pairs(flow, x, y, fcfg, generator)
+    return reverse_objective(rev, pair, rcfg, fcfg, feature_net=feature_net, generator=generator,
+                             decode=decode, step=step, progress=progress)
+
+
+def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowConfig,
+                      feature_net: Callable | None = None,
+                      generator: torch.Generator | None = None,
+                      decode: Callable[..., Tensor] | None = None,
+                      step: int | None = None,
+                      progress: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The stage-2 loss of G on a batch of pairs (made on the fly, or cached by the bench).
+
+    ``decode`` (latent data: :meth:`biflow.data.latents.LatentCodec.decode`) maps
+    latents to images for the perceptual term, with gradients through the frozen
+    decoder.
+
+    Training-time guidance draws w per row (:func:`sample_guidance`; ``step`` drives
+    the warm start) and runs the unconditional stream only on rows with w > 0: for the
+    others the CFG combination is the guided output itself.
+
+    ``progress`` (the stage's progress in [0, 1]; None = done) drives the curriculum: the
+    guidance and the perceptual term are off before ``guidance_start`` / ``perceptual_start``.
+    """
+    x, x_noisy, y_in, states = pair.x, pair.x_noisy, pair.y, pair.states
+    b = x.shape[0]
+    z = states[-1]
     w_max = guidance_ceiling(rcfg, step)
+    if progress is not None and progress < rcfg.guidance_start:
+        w_max = 0.0
     w = sample_guidance(y_in, w_max, fcfg.num_classes, b, x.device, generator,
                         p_zero=rcfg.guidance_p_zero, shape=rcfg.guidance_shape)
     out = rev(z, y_in, guidance=w)
@@ -175,14 +213,15 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
         x_hat = combine(x_hat, unc.x)
 
     p, eps = rcfg.adaptive_p, rcfg.adaptive_eps
-    align_terms = [alignment_distance(pred, traj.states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
+    align_terms = [alignment_distance(pred, states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
     align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms])
     align = align.sum(0) if rcfg.align_reduce == "sum" else align.mean(0)
     target = x_noisy if rcfg.denoise == "tweedie" else x  # tweedie: G inverts F exactly; denoising is F's
     mse = (x_hat.float() - target.float()).pow(2).flatten(1).mean(1)
     total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, rcfg.output_eps)
     perc = None
-    if feature_net is not None and rcfg.perceptual_weight > 0:
+    perceptual_on = progress is None or progress >= rcfg.perceptual_start
+    if feature_net is not None and rcfg.perceptual_weight > 0 and perceptual_on:
         from biflow.perceptual import perceptual_distance
 
         k = max(1, math.ceil(rcfg.perceptual.rows * b))  # rows are in random order: the first k are a subset

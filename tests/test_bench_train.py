@@ -126,7 +126,7 @@ def _check_results(r: dict, out_dir, workers: int = 2) -> None:
     sps = t["samples_per_s"]
     # each figure is the median of its own measured windows...
     sessions = t["plain_sessions"][f"{workers}_threads"]
-    assert len(sessions) == 3  # before, between and after the two Ray runs
+    assert len(sessions) == 5  # before, between and after the four Ray runs
     pooled = [w for sess in sessions for w in sess["window_samples_per_s"]]
     assert sps["plain_pytorch"] == pytest.approx(statistics.median(pooled))
     med = [statistics.median(sess["window_samples_per_s"]) for sess in sessions]
@@ -143,6 +143,16 @@ def _check_results(r: dict, out_dir, workers: int = 2) -> None:
     assert t["ratio_zero2_vs_best_plain"] == pytest.approx(sps["deepspeed_zero2_ray"] / best)
     assert t["ratio_zero2_vs_plain_pooled"] == pytest.approx(sps["deepspeed_zero2_ray"] / sps["plain_pytorch"])
     assert t["meets_goal"] == (t["ratio_zero2_vs_plain"] >= 0.90)
+    # one worker with every core (the quickstart's layout), against the plain sessions around it
+    for i, key in enumerate((f"1x{workers}cpu_ddp", f"1x{workers}cpu_deepspeed_zero2")):
+        lay = t["layouts"][key]
+        assert lay["samples_per_s"] == pytest.approx(statistics.median(t["ray_runs"][key]["window_samples_per_s"]))
+        assert lay["ratio_vs_plain"] == pytest.approx(lay["samples_per_s"] / ((med[2 + i] + med[3 + i]) / 2))
+        assert lay["batch_per_worker"] == workers * r["setup"]["batch_per_worker"]
+    b = t["step_breakdown"]
+    assert b["ms_per_step"] == pytest.approx(sum(b["ms_per_phase"].values()))
+    assert set(b["ms_per_phase"]) == {"data", "forward", "host_sync", "backward", "optimizer", "ema"}
+    assert all(v > 0 for v in b["ms_per_phase"].values())
     for sess in t["plain_sessions"].values():
         for s in sess:
             assert s["torch_threads"] == s["threads"]

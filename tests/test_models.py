@@ -348,3 +348,60 @@ def test_inference_time_cfg_sampler_and_tweedie_denoise_target():
     out = rev(flow(x_noisy, y).z, y)
     mse = (out.x - x_noisy).pow(2).flatten(1).mean(1)
     assert m["denoise_mse"] == pytest.approx(mse.mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["token", "lowrank", "dense"])
+def test_z_skip_starts_at_zero_and_fits_a_linear_map(kind):
+    """The skip adds nothing at initialisation (G starts as without it), and alone it learns a
+    linear map from z to x (a per-token one for ``token``, any one for ``dense``)."""
+    from biflow.models.reverse import ZSkip
+
+    torch.manual_seed(0)
+    flow, rev, rcfg = tiny_pair()
+    x, y = data(4)
+    z = flow(x, y).z
+    rcfg.z_skip = kind
+    with_skip = ReverseModel(rcfg, flow.config)
+    with_skip.load_state_dict(rev.state_dict(), strict=False)
+    assert torch.allclose(with_skip(z, y).x, rev(z, y).x, atol=1e-6)
+    n, d = flow.config.num_tokens, flow.config.token_dim
+    skip = ZSkip(kind, n, d, rank=8)
+    target = torch.randn(n, d, d) * 0.3  # a per-token map: every kind can express it
+    opt = torch.optim.Adam(skip.parameters(), lr=2e-2)
+    tokens = torch.randn(256, n, d)
+    want = torch.einsum("bnd,nde->bne", tokens, target)
+    first = (skip(tokens) - want).pow(2).mean().item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss = (skip(tokens) - want).pow(2).mean()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * first
+
+
+def test_curriculum_switches_guidance_and_perceptual_on_late():
+    from biflow.config import PerceptualConfig
+    from biflow.perceptual import build_feature_net
+
+    fcfg = FlowConfig(image_size=16, channels=1, patch_size=4, width=16, depth=1, num_blocks=2, num_heads=2,
+                      num_classes=10, label_drop=0.0)
+    rcfg = ReverseConfig(width=16, depth=2, num_heads=2, guidance_max=2.0, guidance_p_zero=0.0, perceptual_weight=1.0,
+                         guidance_start=0.5, perceptual_start=0.8, perceptual=PerceptualConfig(taps=["conv_2"]))
+    flow, rev = TARFlow(fcfg).requires_grad_(False), ReverseModel(rcfg, fcfg)
+    net = build_feature_net(rcfg.perceptual)  # the real FID-Inception, stopped at its first tap
+    calls = []
+    features = net.features
+    net.features = lambda img: (calls.append(img.shape[0]), features(img))[1]
+    x, y = torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10
+    rows = []
+    hook = rev.register_forward_hook(lambda m, args, kw, out: rows.append(args[0].shape[0]), with_kwargs=True)
+    _, early = reverse_loss(rev, flow, x, y, rcfg, flow.config, feature_net=net, progress=0.2)
+    assert rows == [8] and early["guided_rows"] == 0.0 and "perceptual" not in early and calls == []
+    rows.clear()
+    _, mid = reverse_loss(rev, flow, x, y, rcfg, flow.config, feature_net=net, progress=0.6)
+    assert len(rows) == 2 and mid["guided_rows"] > 0 and "perceptual" not in mid
+    _, late = reverse_loss(rev, flow, x, y, rcfg, flow.config, feature_net=net, progress=0.9)
+    assert "perceptual" in late and calls
+    hook.remove()
+    with pytest.raises(Exception, match=r"reverse.guidance_start must be in \[0, 1\]"):
+        ReverseConfig(guidance_start=1.5).validate()

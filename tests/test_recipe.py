@@ -74,6 +74,36 @@ def test_goals_are_checked_per_guidance():
     assert check_goals(results, Goals()) == {}
 
 
+def test_kid_ratio_and_wall_time_goals():
+    results = {"timings": {"total_s": 610.0}, "samplers": {
+        "biflow@w=1": {"guidance": 1.0, "fid_ratio_vs_exact": 0.6, "kid_ratio_vs_exact": 0.75}}}
+    goals = check_goals(results, Goals(fid_ratio_max=0.7, kid_agrees=True, kid_ratio_max=0.7, total_time_max_s=600))
+    assert goals["fid_ratio@w=1"]["met"]
+    assert goals["kid_ratio@w=1"] == {"value": 0.75, "max": 0.7, "met": False}  # the ratio goal, not just < 1
+    assert goals["total_time_s"] == {"value": 610.0, "max": 600, "met": False}
+
+
+def test_auto_layout_gives_a_small_machine_one_worker_with_every_core(monkeypatch):
+    from biflow.recipe import auto_layout
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    recipe = load_recipe(ROOT / "jobs" / "eval" / "quickstart.yaml")
+    job = recipe.stage_config("forward", Path("/tmp/x"), 2, [])
+    assert (job.ray.workers, job.train.batch_size) == (2, 32)
+    assert auto_layout(job, cpus=2) == ["ray.workers=1", "ray.cpus_per_worker=2", "train.engine=ddp",
+                                        "train.batch_size=64"]  # the same global batch on one worker
+    assert auto_layout(job, cpus=16) == ["ray.workers=2"]  # a bigger machine: the job's ranks
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert auto_layout(job, cpus=2) == ["ray.workers=2"]  # a cluster: the job's ranks
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    fwd, rev = recipe.stage_configs(Path("/tmp/x"), 0, [])  # workers 0: the automatic layout
+    assert (fwd.ray.workers, fwd.ray.cpus_per_worker, fwd.train.engine, fwd.train.batch_size) == (1, 2, "ddp", 64)
+    assert (rev.ray.workers, rev.train.batch_size) == (1, 64)
+    fwd, _ = recipe.stage_configs(Path("/tmp/x"), 0, ["ray.cpus_per_worker=1"])  # the caller's --set wins
+    assert fwd.ray.cpus_per_worker == 1
+
+
 def test_cli_rejects_a_bad_recipe_before_anything_runs(tmp_path):
     from typer.testing import CliRunner
 
@@ -100,6 +130,12 @@ def test_ablation_recipe_rows_are_valid_reverse_configs(tmp_path):
         assert cfg.train.steps == rev.train.steps and cfg.flow == rev.flow  # same budget, same flow
     cfg = apply_overrides_cfg(rev, next(a for a in recipe.ablations if a.name == "inference-cfg").set)
     assert cfg.reverse.guidance_max == 0
+    # "no norm control" is the paper's "clip" row: its own forward flow, without the clip
+    row = next(a for a in recipe.ablations if a.name == "no-norm-control")
+    fwd = recipe.stage_config("forward", tmp_path, 2, [])
+    assert fwd.flow.clip > 0 and apply_overrides_cfg(fwd, row.forward_set).flow.clip == 0
+    assert apply_overrides_cfg(rev, row.set).reverse.norm_control is False
+    assert [a.name for a in recipe.ablations if a.forward_set] == ["no-norm-control"]
     with pytest.raises(ConfigError, match="ablations need distinct names"):
         load_recipe(ROOT / "jobs" / "eval" / "ablation.yaml", ["ablations=[{name: a}, {name: a}]"])
 

@@ -51,15 +51,24 @@ def test_warmup_cosine_schedule():
 
 
 def test_warmup_cosine_follows_a_time_budget():
+    from biflow.train.loop import StageClock
+
     cfg = smoke(overrides=["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
-    spent = {"frac": 0.0}
-    f = warmup_cosine(cfg.optim, total_steps=1000, time_fraction=lambda: spent["frac"])
+    clock = StageClock(budget_s=100.0)
+    f = warmup_cosine(cfg.optim, total_steps=1000, clock=clock)
+    clock.elapsed = 40.0  # slow first steps: the warmup used 40% of the budget
     assert f(5) == pytest.approx(0.6)  # warmup counts steps
+    assert clock.warmup_end is None
+    assert f(10) == pytest.approx(1.0)  # the peak, right after the warmup, whatever time it took
+    assert clock.warmup_end == 40.0  # recorded once, when the warmup ended
     assert f(20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 990)))  # steps lead
-    spent["frac"] = 0.5
-    assert f(20) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half the budget: half way down
-    spent["frac"] = 1.0
+    clock.elapsed = 70.0  # half of the 60 s left after the warmup
+    assert f(20) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half way down
+    clock.elapsed = 100.0
     assert f(20) == pytest.approx(0.1)  # budget spent: at the floor, far before step 1000
+    free = StageClock(budget_s=0.0)  # no budget: steps only
+    g = warmup_cosine(cfg.optim, total_steps=110, clock=free)
+    assert g(60) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6) and free.warmup_end is None
 
 
 def test_stage_clock_counts_over_resumes():
@@ -215,3 +224,16 @@ def test_deepspeed_engine_skips_non_finite_gradients(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert [line for line in res.stdout.splitlines() if line.endswith(" ok")] == [
         "stage 0 ok", "stage 2 ok", "stage 3 ok"]
+
+
+def test_prepare_makes_local_paths_absolute(tmp_path, monkeypatch):
+    """Ray workers run in their own working directory: a relative run storage once put every
+    commit marker under Ray's session dir, so no checkpoint of `biflow train` counted."""
+    from biflow.train.launch import prepare
+
+    monkeypatch.chdir(tmp_path)
+    cfg, run = prepare(smoke(overrides=["ray.storage=runs/x", "data.uri=data/shards"]))
+    assert cfg.ray.storage == run.storage == str(tmp_path / "runs" / "x")
+    assert cfg.data.uri == str(tmp_path / "data" / "shards")
+    cfg, _ = prepare(smoke(overrides=["ray.storage=s3://bucket/runs"]), storage=str(tmp_path / "abs"))
+    assert cfg.ray.storage == str(tmp_path / "abs")

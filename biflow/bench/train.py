@@ -54,7 +54,7 @@ TRAIN_PRESETS: dict[str, Callable[[], TrainBenchPreset]] = {
 
 
 def _bench_experiment(flow: dict, batch: int, steps: int, log_every: int, engine: str, zero_stage: int,
-                      workers: int, storage: str = "runs") -> dict:
+                      workers: int, storage: str = "runs", cpus_per_worker: float = 1) -> dict:
     """A forward-stage experiment dict (``load_config`` input) for the bench runs."""
     return {
         "name": "bench-train", "stage": "forward", "flow": dict(flow),
@@ -62,7 +62,7 @@ def _bench_experiment(flow: dict, batch: int, steps: int, log_every: int, engine
         "optim": {"lr": 0.002, "warmup_steps": min(50, max(1, steps // 5)), "ema_decay": 0.995, "grad_clip": 1.0},
         "train": {"steps": steps, "batch_size": batch, "engine": engine, "zero_stage": zero_stage,
                   "log_every": log_every, "checkpoint_every": steps, "keep_checkpoints": 1, "sample_every": 0},
-        "ray": {"workers": workers, "cpus_per_worker": 1, "max_failures": 0, "storage": storage},
+        "ray": {"workers": workers, "cpus_per_worker": cpus_per_worker, "max_failures": 0, "storage": storage},
     }
 
 
@@ -102,7 +102,7 @@ def _median(values: list[float]) -> float:
 
 def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", workers: int = 2,
                 window: int | None = None, windows: int | None = None, memory: bool = True, mfu: bool = True,
-                peak_tflops: float | None = None, log: Callable[[str], None] = print) -> dict:
+                peak_tflops: float | None = None, layouts: bool = True, log: Callable[[str], None] = print) -> dict:
     """Training throughput and memory; writes ``train.json`` and ``train.png`` under ``out_dir``.
 
     Throughput, same model, same per-worker batch, same precision (fp32 on CPU):
@@ -112,7 +112,11 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
           ``workers`` threads (same cores in total; 1 thread for reference), timed
           before, between and after the Ray runs; each Ray run is compared with
           the plain sessions right before and after it (the machine is shared),
-      (c) the DDP engine under Ray Train, for reference.
+      (c) the DDP engine under Ray Train, for reference,
+      (d) with ``layouts``: one Ray Train worker with all ``workers`` cores, the plain-PyTorch
+          engine (the quickstart's layout on a small machine, :func:`biflow.recipe.auto_layout`)
+          and DeepSpeed ZeRO-2, on the same global batch,
+      (e) where a plain step's time goes (:func:`~biflow.bench.baseline.step_breakdown`).
     Each figure is the median over timing windows of ``window`` steps, after one
     warm-up window. Goal: (a)/(b) >= 0.90.
 
@@ -168,8 +172,15 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
         runs = {}
         # plain, ZeRO-2, plain, DDP, plain: each Ray run is compared with the plain sessions
         # right before and after it (the machine is shared and its load drifts by minutes)
-        for i, (key, engine, zero) in enumerate((("deepspeed_zero2", "deepspeed", 2), ("ddp", "ddp", 0))):
-            exp = _bench_experiment(p.flow, p.batch_size, steps, window, engine, zero, workers, storage)
+        # (d): one worker with every core on the global batch (the quickstart's layout), both engines
+        layout_runs = [(f"1x{workers}cpu_ddp", "ddp", 0, 1), (f"1x{workers}cpu_deepspeed_zero2", "deepspeed", 2, 1)]
+        plan = [("deepspeed_zero2", "deepspeed", 2, workers), ("ddp", "ddp", 0, workers)]
+        for i, (key, engine, zero, n) in enumerate(plan + (layout_runs if layouts else [])):
+            if n == 1:
+                exp = _bench_experiment(p.flow, p.batch_size * workers, steps, window, engine, zero, 1, storage,
+                                        cpus_per_worker=workers)
+            else:
+                exp = _bench_experiment(p.flow, p.batch_size, steps, window, engine, zero, workers, storage)
             runs[key] = _ray_train_run(exp, storage, f"bench-{key}", dataset, window)
             runs[key]["bracketing_plain_sessions"] = [i, i + 1]
             log(f"{key} under Ray Train: {_median(runs[key]['window_samples_per_s']):.1f} samples/s")
@@ -218,6 +229,18 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
                      f"window",
     }
     throughput["meets_goal"] = throughput["ratio_zero2_vs_plain"] >= 0.90
+    if layouts:
+        throughput["layouts"] = {
+            key: {"workers": 1, "cpus_per_worker": workers, "batch_per_worker": p.batch_size * workers,
+                  "samples_per_s": _median(runs[key]["window_samples_per_s"]),
+                  "ratio_vs_plain": _median(runs[key]["window_samples_per_s"]) / brackets[key][f"{workers}_threads"]}
+            for key in runs if key.startswith("1x")}
+        throughput["quickstart_layout"] = f"1x{workers}cpu_ddp"
+        throughput["quickstart_layout_meets_goal"] = throughput["layouts"][f"1x{workers}cpu_ddp"]["ratio_vs_plain"] >= 0.90
+    from biflow.bench.baseline import step_breakdown
+
+    throughput["step_breakdown"] = step_breakdown(cfg.flow, cfg.optim, p.batch_size * workers, x, y,
+                                                  steps=max(4, window), threads=workers)
     flops = flow_train_flops(cfg.flow, p.batch_size * workers)
     throughput["model_flops_per_step"] = flops["flops_per_step"]
     throughput["achieved_flops_per_s"] = {k: v / (p.batch_size * workers) * flops["flops_per_step"]
@@ -292,6 +315,10 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
     log(f"samples/s: plain {sps['plain_pytorch']:.1f} | ZeRO-2/Ray {sps['deepspeed_zero2_ray']:.1f} "
         f"(ratio {t['ratio_zero2_vs_plain']:.3f}, goal >= 0.90) | DDP/Ray {sps['ddp_ray']:.1f} "
         f"(ratio {t['ratio_ddp_vs_plain']:.3f})")
+    for key, v in t.get("layouts", {}).items():
+        log(f"  {key} under Ray Train: {v['samples_per_s']:.1f} samples/s (ratio {v['ratio_vs_plain']:.3f})")
+    b = t["step_breakdown"]
+    log("plain step {:.1f} ms: ".format(b["ms_per_step"]) + ", ".join(f"{k} {v:.1f}" for k, v in b["ms_per_phase"].items()))
     if "memory" in results:
         m = results["memory"]
         log(f"model states per rank: ZeRO-0 {max(m['model_state_bytes_per_rank']['zero0']) / 2**20:.1f} MiB | "
@@ -323,6 +350,10 @@ def _train_chart(path: Path, results: dict) -> None:
         labels.append("plain PyTorch\n(1 proc x 1 thr)")
         values.append(sps["plain_pytorch_1thread"])
         colors.append("#CCCCCC")
+    for key, v in t.get("layouts", {}).items():
+        labels.append(key.replace("_", "\n", 1) + "\nRay Train")
+        values.append(v["samples_per_s"])
+        colors.append("#C44E52" if key == t.get("quickstart_layout") else "#8172B2")
     bars = axes[0].bar(labels, values, color=colors)
     plt.setp(axes[0].get_xticklabels(), fontsize=7)
     axes[0].bar_label(bars, fmt="%.1f", fontsize=8)

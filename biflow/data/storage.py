@@ -125,6 +125,15 @@ def _redact(uri: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}"
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's working directory; URIs unchanged.
+    Ray workers run in their own working directory, so a relative path handed to them
+    would name another place."""
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def ray_storage(uri: str, endpoint: str = "", region: str = "") -> dict[str, Any]:
     """Keyword arguments for ``ray.train.RunConfig``: ``storage_path`` and, for
     S3, ``storage_filesystem``. Use as ``RunConfig(name=..., **ray_storage(uri, endpoint))``."""

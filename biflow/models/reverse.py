@@ -53,6 +53,39 @@ class _TokenHead(nn.Module):
         return self.linear(self.norm(h))
 
 
+class ZSkip(nn.Module):
+    """A linear path from z to the output, zero at initialisation (``ReverseConfig.z_skip``).
+
+    ``token``: one D x D map (and bias) per token position, so each output token is a linear
+    function of the z token at the same place; ``lowrank`` adds a rank-r map across every
+    dimension (U random, V zero); ``dense``: one full map over all C*H*W dimensions."""
+
+    def __init__(self, kind: str, num_tokens: int, token_dim: int, rank: int):
+        super().__init__()
+        self.kind = kind
+        n, d = num_tokens, token_dim
+        if kind == "dense":
+            self.dense = nn.Linear(n * d, n * d)
+            nn.init.zeros_(self.dense.weight)
+            nn.init.zeros_(self.dense.bias)
+            return
+        self.token_weight = nn.Parameter(torch.zeros(n, d, d))
+        self.token_bias = nn.Parameter(torch.zeros(n, d))
+        if kind == "lowrank":
+            self.down = nn.Parameter(torch.randn(n * d, rank) / (n * d) ** 0.5)
+            self.up = nn.Parameter(torch.zeros(rank, n * d))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """z tokens (B, N, D) -> the skip's contribution to the output tokens (B, N, D)."""
+        b, n, d = tokens.shape
+        if self.kind == "dense":
+            return self.dense(tokens.reshape(b, n * d)).reshape(b, n, d)
+        out = torch.einsum("bnd,nde->bne", tokens, self.token_weight) + self.token_bias
+        if self.kind == "lowrank":
+            out = out + (tokens.reshape(b, n * d) @ self.down @ self.up).reshape(b, n, d)
+        return out
+
+
 class ReverseModel(nn.Module):
     def __init__(self, cfg: ReverseConfig, flow_cfg: FlowConfig):
         super().__init__()
@@ -73,6 +106,7 @@ class ReverseModel(nn.Module):
         self.out = AdaLNOutput(w, d) if cfg.conditioning == "adaln" else _TokenHead(w, d)
         if cfg.conditioning == "tokens":
             self.cond_pos = nn.Parameter(torch.randn(1, 2, w) * 0.02)
+        self.z_skip = ZSkip(cfg.z_skip, n, d, cfg.z_skip_rank) if cfg.z_skip != "none" else None
 
     def _to_image(self, tokens: Tensor) -> Tensor:
         f = self.flow_config
@@ -88,7 +122,8 @@ class ReverseModel(nn.Module):
 
     def forward(self, z: Tensor, y: Tensor | None = None, guidance: Tensor | float = 0.0) -> ReverseOutput:
         b = z.shape[0]
-        h = self.proj_in(patchify(z, self.flow_config.patch_size).to(self.proj_in.weight.dtype)) + self.pos_embed
+        z_tokens = patchify(z, self.flow_config.patch_size).to(self.proj_in.weight.dtype)
+        h = self.proj_in(z_tokens) + self.pos_embed
         c = self.condition(y, guidance, b, z.device).to(h.dtype)
         n_cond = 0
         if self.config.conditioning == "tokens":
@@ -104,5 +139,8 @@ class ReverseModel(nn.Module):
             states[num_blocks - 1 - i] = self._to_image(self.heads[i](h[:, n_cond:]).to(z.dtype))
         for layer in self.denoise:
             h = layer(h, c)
-        x = self._to_image(self.out(h, c)[:, n_cond:].to(z.dtype))
+        out = self.out(h, c)[:, n_cond:]
+        if self.z_skip is not None:
+            out = out + self.z_skip(z_tokens)
+        x = self._to_image(out.to(z.dtype))
         return ReverseOutput(x=x, states=states)

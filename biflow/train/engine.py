@@ -62,12 +62,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def warmup_cosine(optim: OptimConfig, total_steps: int,
-                  time_fraction: Callable[[], float] | None = None) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``. With
-    ``time_fraction`` (the share of a time budget spent, the same on every rank) the cosine
-    follows whichever of steps and time is further along, so a budget-limited stage still
-    ends at the floor."""
+def warmup_cosine(optim: OptimConfig, total_steps: int, clock: Any = None) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over ``optim.warmup_steps``, then cosine down to
+    ``min_lr_ratio``.
+
+    With a time budget (``clock``: a :class:`biflow.train.loop.StageClock`, whose ``elapsed``
+    is the same on every rank) the cosine follows whichever of steps and time is further
+    along, and the time axis is the budget *left after warmup*: the clock records when the
+    warmup ended (``clock.warmup_end``, kept in checkpoints), so slow first steps (data and
+    kernels warming up) cannot eat the decay, and a budget-limited stage still ends at the
+    floor."""
     warmup = max(0, min(optim.warmup_steps, total_steps - 1))
     floor = optim.min_lr_ratio
 
@@ -75,8 +79,11 @@ def warmup_cosine(optim: OptimConfig, total_steps: int,
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
-        if time_fraction is not None:
-            progress = max(progress, time_fraction())
+        if clock is not None and clock.budget > 0:
+            if clock.warmup_end is None:
+                clock.warmup_end = clock.elapsed
+            left = clock.budget - clock.warmup_end
+            progress = max(progress, (clock.elapsed - clock.warmup_end) / left if left > 0 else 1.0)
         progress = min(1.0, progress)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -130,7 +137,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def max_over_ranks(value: float, device: torch.device) -> float:
     """The largest ``value`` of any rank, on every rank."""
-    if not dist_on():
+    if not dist_on() or dist.get_world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -139,7 +146,7 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (one all-reduce for all of them)."""
-    if not dist_on() or not values:
+    if not dist_on() or dist.get_world_size() == 1 or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
@@ -259,15 +266,14 @@ def _no_update(*objects: Any) -> Iterator[None]:
 
 class DeepSpeedEngine(Engine):
     def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str,
-                 time_fraction: Callable[[], float] | None = None):
+                 clock: Any = None):
         super().__init__()
         import deepspeed
 
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.ds_config = deepspeed_config(cfg, world_size(), precision)
         optimizer = build_optimizer(module, cfg.optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps,
-                                                                              time_fraction))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps, clock))
         wrapped = _Zero3Outputs(module) if cfg.train.zero_stage == 3 else module
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -338,17 +344,18 @@ class _DDP(nn.parallel.DistributedDataParallel):
 
 
 class DDPEngine(Engine):
-    """Plain PyTorch data parallel with the same optimizer, schedule and clipping."""
+    """Plain PyTorch data parallel with the same optimizer, schedule and clipping (one
+    worker: no wrapper, no collective; the fastest layout on a small machine)."""
 
     def __init__(self, module: nn.Module, cfg: ExperimentConfig, device: torch.device, precision: str,
-                 time_fraction: Callable[[], float] | None = None):
+                 clock: Any = None):
         super().__init__()
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.module = module.to(device)
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.optim, cfg.train.steps,
-                                                                                         time_fraction))
+                                                                                         clock))
         if world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = _DDP(self.module, device_ids=ids)
@@ -407,13 +414,13 @@ class DDPEngine(Engine):
 
 
 def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device | None = None,
-                 time_fraction: Callable[[], float] | None = None) -> Engine:
-    """DeepSpeed (``train.engine: deepspeed``) or plain DDP (``ddp``); ``time_fraction``: see
-    :func:`warmup_cosine`."""
+                 clock: Any = None) -> Engine:
+    """DeepSpeed (``train.engine: deepspeed``) or plain DDP (``ddp``); ``clock`` (a time
+    budget's :class:`~biflow.train.loop.StageClock`): see :func:`warmup_cosine`."""
     device = device or resolve_device()
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-        return DeepSpeedEngine(module, cfg, device, precision, time_fraction)
-    return DDPEngine(module, cfg, device, precision, time_fraction)
+        return DeepSpeedEngine(module, cfg, device, precision, clock)
+    return DDPEngine(module, cfg, device, precision, clock)
 

@@ -52,6 +52,10 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
         cfg.ray.storage = storage
     if workers:
         cfg.ray.workers = workers
+    # workers resolve paths in their own working directory: a relative run storage would put
+    # the commit markers (and the reverse stage's forward lookup) somewhere else
+    cfg.ray.storage = storage_mod.absolute(cfg.ray.storage)
+    cfg.data.uri = storage_mod.absolute(cfg.data.uri)
     cfg.validate()
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name={cfg.name!r}: a run name must be non-empty and contain no '/'")

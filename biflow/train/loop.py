@@ -56,16 +56,20 @@ class TrainState:
     skipped_steps: int = 0  # attempts skipped for a non-finite loss or gradient
     ema_updates: int = 0
     train_seconds: float = 0.0  # wall time of the training loop up to this state, over all resumes
+    warmup_end_s: float = -1.0  # train_seconds when the LR warmup ended (time-budgeted cosine); -1: not yet
 
 
 class StageClock:
     """The training loop's wall time, summed over resumes, against ``train.time_budget_s``.
 
     ``sync`` is called once per step; with a budget every rank takes the slowest rank's time
-    (one scalar all-reduce), so all ranks stop at the same step and follow the same LR."""
+    (one scalar all-reduce), so all ranks stop at the same step and follow the same LR.
+    ``warmup_end`` is set by the LR schedule (:func:`biflow.train.engine.warmup_cosine`)
+    when its warmup ends: the cosine spans the budget left after it."""
 
     def __init__(self, budget_s: float):
         self.budget, self.spent, self.elapsed = budget_s, 0.0, 0.0
+        self.warmup_end: float | None = None
         self._t0 = time.perf_counter()
 
     def resume(self, spent_s: float) -> None:
@@ -82,6 +86,11 @@ class StageClock:
     def fraction(self) -> float:
         """Share of the budget spent (0 without a budget)."""
         return min(1.0, self.elapsed / self.budget) if self.budget > 0 else 0.0
+
+    def progress(self, step: int, total_steps: int) -> float:
+        """How far the stage is, in [0, 1]: whichever of steps and the time budget is further
+        along (the training-time curriculum switches terms on by it)."""
+        return min(1.0, max(step / max(1, total_steps), self.fraction()))
 
     @property
     def expired(self) -> bool:
@@ -135,7 +144,8 @@ class ForwardStage:
 
         return TARFlow(self.cfg.flow)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None,
+             progress=None):
         from biflow.losses import forward_loss
 
         return forward_loss(model, x, y, self.cfg.flow, generator=generator)
@@ -175,12 +185,14 @@ class ReverseStage(ForwardStage):
 
         return ReverseModel(self.cfg.reverse, self.flow_cfg)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None,
+             progress=None):
         from biflow.losses import reverse_loss
 
         decode = self.codec.decode if self.codec is not None else None
         return reverse_loss(model, self.flow, x.float(), y, self.cfg.reverse, self.flow_cfg,
-                            feature_net=self.feature_net, generator=generator, decode=decode, step=step)
+                            feature_net=self.feature_net, generator=generator, decode=decode, step=step,
+                            progress=progress)
 
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_biflow
@@ -428,7 +440,7 @@ def train_loop(config: dict[str, Any]) -> None:
     module = stage.build()
     torch.manual_seed(cfg.train.seed + 1000 * (rank() + 1))  # anything random beyond the losses differs per rank
     clock = StageClock(cfg.train.time_budget_s)
-    engine = build_engine(module, cfg, device, time_fraction=clock.fraction)
+    engine = build_engine(module, cfg, device, clock=clock)
     ema = EMA(engine.module, cfg.optim.ema_decay)
     is_rank0 = rank() == 0
     say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
@@ -437,6 +449,7 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint, source = newest_checkpoint(ray.train.get_checkpoint(), run)
     if checkpoint is not None:
         state = restore(engine, ema, checkpoint)
+        clock.warmup_end = state.warmup_end_s if state.warmup_end_s >= 0 else None
         say(f"resumed {run.name} at step {state.step} from {source} "
             f"(epoch {state.epoch}, {state.samples_seen} samples seen)")
     start_step = state.step
@@ -489,7 +502,8 @@ def train_loop(config: dict[str, Any]) -> None:
             x = x.to(device, engine.input_dtype, non_blocking=True)
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
             with engine.accumulate(), engine.autocast():
-                loss, metrics = stage.loss(engine.model, x, y, generator, step=state.step)
+                loss, metrics = stage.loss(engine.model, x, y, generator, step=state.step,
+                                           progress=clock.progress(state.step, total))
             loss = callbacks.corrupt_loss(state.step + 1, loss)
             if any_rank(not bool(torch.isfinite(loss).item()), device):
                 del loss  # drop the graph: no backward, no update, nothing accumulated
@@ -515,6 +529,7 @@ def train_loop(config: dict[str, Any]) -> None:
         step = state.step
         clock.sync(device)
         state.train_seconds = clock.elapsed
+        state.warmup_end_s = clock.warmup_end if clock.warmup_end is not None else -1.0
         last = step == total or clock.expired
         callbacks.on_step(step)
         log_now = step % cfg.train.log_every == 0 or last
@@ -551,7 +566,8 @@ def train_loop(config: dict[str, Any]) -> None:
         ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
         if ckpt_now:  # before sampling: a grid that fails can never cost committed work
             save_checkpoint(engine, ema, state, cfg, run,
-                            {**last_metrics, "start_step": float(start_step)}, ema_full=ema_full,
+                            {**last_metrics, "start_step": float(start_step), "train_seconds": state.train_seconds},
+                            ema_full=ema_full,
                             callbacks=callbacks)
         if sample_now and is_rank0:
             sample_grid(stage, ema_full, sample_labels, cfg.train.seed, step, logger)
