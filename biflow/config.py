@@ -149,6 +149,10 @@ class ReverseConfig:
     # (C*H*W)^2 map (615k weights at 28x28x1, 16.8M at 4x32x32)
     z_skip: Literal["none", "token", "lowrank", "dense"] = "none"
     z_skip_rank: int = 64
+    # zero: the skip starts at zero and is learned; ridge: before the first step it is set to the
+    # ridge-regression fit of the target from z over z_skip_init_batches batches (summed over ranks)
+    z_skip_init: Literal["zero", "ridge"] = "zero"
+    z_skip_init_batches: int = 32
     # curriculum: training-time CFG and the perceptual term switch on once the stage's progress
     # (the larger of step / train.steps and the share of train.time_budget_s spent) reaches these
     guidance_start: float = 0.0
@@ -172,8 +176,9 @@ class ReverseConfig:
             raise ConfigError(f"{path}.guidance_p_zero must be in [0, 1], got {self.guidance_p_zero}")
         if self.guidance_shape <= 0:
             raise ConfigError(f"{path}.guidance_shape must be > 0, got {self.guidance_shape}")
-        if self.z_skip_rank < 1:
-            raise ConfigError(f"{path}.z_skip_rank must be >= 1, got {self.z_skip_rank}")
+        if self.z_skip_rank < 1 or self.z_skip_init_batches < 1:
+            raise ConfigError(f"{path}.z_skip_rank and {path}.z_skip_init_batches must be >= 1, got "
+                              f"{self.z_skip_rank} and {self.z_skip_init_batches}")
         for name in ("guidance_start", "perceptual_start"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{path}.{name} must be in [0, 1] (a share of the stage), got {getattr(self, name)}")

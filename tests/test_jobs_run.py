@@ -197,7 +197,8 @@ def test_recipe_runs(path, tmp_path, fashion_mnist_dir, ray_local):
             assert_checkpoint_and_grid(tmp_path / "runs" / f"{results['recipe']['name']}-reverse-{name}", latent=False)
         return
     assert results["recipe"]["forward_steps"] == results["recipe"]["reverse_steps"] == STEPS
-    assert {"biflow@w=0", "exact@w=0"} <= set(results["samplers"])
+    guidance = spec.get("evaluate", {}).get("guidance", [0.0, 1.0])  # the quickstart scores w=1 only
+    assert set(results["samplers"]) == {f"{s}@w={w:g}" for s in ("biflow", "exact") for w in guidance}
     assert all(np.isfinite(r["fid"]) and np.isfinite(r["kid"]) and Path(r["grid"]).is_file()
                for r in results["samplers"].values())
     if spec.get("goals"):  # every goal of the recipe is checked and recorded with its value

@@ -184,6 +184,12 @@ def test_time_budget_ends_the_stage_with_a_checkpoint(train_data, tmp_path):
     lr = tb_scalars(tmp_path / "fwd-budget" / "tensorboard")["train/lr"]
     assert max(lr.values()) == pytest.approx(0.002, rel=0.05)  # warmup reached the peak
     assert lr[step] < 0.002 * 0.2  # near the floor (0.1 x) at the end of the budget
+    # the cosine spans the budget left after the 2 warmup steps: right after them the LR is
+    # still at its peak (it once jumped to the share of the budget the slow first steps had used)
+    assert 0.0 <= meta["warmup_end_s"] < meta["train_seconds"]
+    assert lr[3] > 0.002 * 0.9
+    after = [lr[s] for s in sorted(lr) if s >= 3]
+    assert all(a >= b - 1e-9 for a, b in zip(after, after[1:]))  # then only down
 
 
 @pytest.mark.slow  # out of CI's 30-min budget (make test-slow runs it): DeepSpeed ZeRO is the engine CI trains with

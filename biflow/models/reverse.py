@@ -14,6 +14,7 @@ two prepended tokens (``ReverseConfig.conditioning``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,33 @@ class ZSkip(nn.Module):
             self.down = nn.Parameter(torch.randn(n * d, rank) / (n * d) ** 0.5)
             self.up = nn.Parameter(torch.zeros(rank, n * d))
 
+    def ridge_stats(self, z_tokens: Tensor, target_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Sufficient statistics (X^T X, X^T Y) of a least-squares fit of the target tokens from
+        the z tokens with a bias, in fp64; sum them over batches (and ranks), then :meth:`fit`.
+        ``dense`` fits one map over all dimensions, ``token``/``lowrank`` one per position."""
+        z, t = z_tokens.detach().double(), target_tokens.detach().double()
+        b, n, d = z.shape
+        if self.kind == "dense":
+            x = torch.cat([z.reshape(b, n * d), z.new_ones(b, 1)], 1)
+            return x.T @ x, x.T @ t.reshape(b, n * d)
+        x = torch.cat([z, z.new_ones(b, n, 1)], 2).transpose(0, 1)  # (N, B, D + 1)
+        return x.transpose(1, 2) @ x, x.transpose(1, 2) @ t.transpose(0, 1)
+
+    @torch.no_grad()
+    def fit(self, xtx: Tensor, xty: Tensor, ridge: float = 1e-3) -> None:
+        """Set the linear map to the ridge solution (X^T X + ridge * mean diag * I)^-1 X^T Y:
+        G then starts from the best linear predictor of its target instead of from zero
+        (the rank-r part of ``lowrank`` stays zero)."""
+        eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+        scale = xtx.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        sol = torch.linalg.solve(xtx + ridge * scale * eye, xty)  # (..., in + 1, out)
+        if self.kind == "dense":
+            self.dense.weight.copy_(sol[:-1].T.to(self.dense.weight.dtype))
+            self.dense.bias.copy_(sol[-1].to(self.dense.bias.dtype))
+        else:
+            self.token_weight.copy_(sol[:, :-1].to(self.token_weight.dtype))
+            self.token_bias.copy_(sol[:, -1].to(self.token_bias.dtype))
+
     def forward(self, tokens: Tensor) -> Tensor:
         """z tokens (B, N, D) -> the skip's contribution to the output tokens (B, N, D)."""
         b, n, d = tokens.shape
@@ -107,6 +135,31 @@ class ReverseModel(nn.Module):
         if cfg.conditioning == "tokens":
             self.cond_pos = nn.Parameter(torch.randn(1, 2, w) * 0.02)
         self.z_skip = ZSkip(cfg.z_skip, n, d, cfg.z_skip_rank) if cfg.z_skip != "none" else None
+        if self.z_skip is not None:  # the ViT's output starts at zero (DiT's init): G starts as the skip
+            nn.init.zeros_(self.out.linear.weight)
+            nn.init.zeros_(self.out.linear.bias)
+
+    @torch.no_grad()
+    def fit_z_skip(self, pairs: Iterable[tuple[Tensor, Tensor]], reduce: Callable[[Tensor], Tensor] | None = None,
+                   ridge: float = 1e-3) -> int:
+        """Set the z skip to the ridge fit of ``target`` from ``z`` over ``pairs`` of images
+        ``(z, target)``; ``reduce`` sums the statistics over ranks (an all-reduce), so every
+        rank gets the same weights. Returns the number of rows fitted (on this rank)."""
+        if self.z_skip is None:
+            raise ValueError("reverse.z_skip is none: there is no skip to fit")
+        p = self.flow_config.patch_size
+        xtx = xty = None
+        rows = 0
+        for z, target in pairs:
+            a, b = self.z_skip.ridge_stats(patchify(z, p), patchify(target, p))
+            xtx, xty = (a, b) if xtx is None else (xtx + a, xty + b)
+            rows += z.shape[0]
+        if xtx is None:
+            raise ValueError("no batches to fit the z skip on")
+        if reduce is not None:
+            xtx, xty = reduce(xtx), reduce(xty)
+        self.z_skip.fit(xtx, xty, ridge)
+        return rows
 
     def _to_image(self, tokens: Tensor) -> Tensor:
         f = self.flow_config

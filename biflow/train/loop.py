@@ -194,6 +194,34 @@ class ReverseStage(ForwardStage):
                             feature_net=self.feature_net, generator=generator, decode=decode, step=step,
                             progress=progress)
 
+    def init_from_data(self, module: nn.Module, batches: Iterator, generator=None) -> str:
+        """``reverse.z_skip_init: ridge``: before the first step, set G's linear z skip to the
+        ridge fit of its target (clean x; x~ under Tweedie) from z over the first
+        ``z_skip_init_batches`` batches of every rank (statistics summed over ranks, so all
+        ranks start from the same weights). Returns a line for the log ("" = nothing done)."""
+        rcfg = self.cfg.reverse
+        if rcfg.z_skip == "none" or rcfg.z_skip_init != "ridge":
+            return ""
+        from biflow.losses import make_pairs
+
+        def pairs():
+            for _ in range(rcfg.z_skip_init_batches):
+                _, _, x, y = next(batches)
+                x = x.to(self.device, torch.float32)
+                y = y.to(self.device) if self.flow_cfg.num_classes > 0 else None
+                pair = make_pairs(self.flow, x, y, self.flow_cfg, generator)
+                yield pair.states[-1], (pair.x_noisy if rcfg.denoise == "tweedie" else pair.x)
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            if world_size() > 1:
+                torch.distributed.all_reduce(t)
+            return t
+
+        t0 = time.perf_counter()
+        rows = module.fit_z_skip(pairs(), reduce=reduce)
+        return (f"z skip ({rcfg.z_skip}) set to the ridge fit of G's target from z over "
+                f"{rows * world_size()} pairs in {time.perf_counter() - t0:.1f} s")
+
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_biflow
 
@@ -439,14 +467,20 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     module = stage.build()
     torch.manual_seed(cfg.train.seed + 1000 * (rank() + 1))  # anything random beyond the losses differs per rank
+    is_rank0 = rank() == 0
+    say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
+    checkpoint, source = newest_checkpoint(ray.train.get_checkpoint(), run)
+    batches = None
+    if checkpoint is None and hasattr(stage, "init_from_data"):  # data-fitted weights, before the engine copies them
+        batches = _batches(cfg, TrainState())
+        done = stage.init_from_data(module.to(device), batches, generator)
+        if done:
+            say(done)
     clock = StageClock(cfg.train.time_budget_s)
     engine = build_engine(module, cfg, device, clock=clock)
     ema = EMA(engine.module, cfg.optim.ema_decay)
-    is_rank0 = rank() == 0
-    say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
 
     state = TrainState()
-    checkpoint, source = newest_checkpoint(ray.train.get_checkpoint(), run)
     if checkpoint is not None:
         state = restore(engine, ema, checkpoint)
         clock.warmup_end = state.warmup_end_s if state.warmup_end_s >= 0 else None
@@ -464,7 +498,7 @@ def train_loop(config: dict[str, Any]) -> None:
         say(f"time budget {cfg.train.time_budget_s:g} s of training ({state.train_seconds:.0f} s spent): "
             f"the stage ends at step {total} or when it is spent")
     logger = Logger(run, cfg.stage, total, enabled=is_rank0, clock=clock)
-    batches = _batches(cfg, state)
+    batches = batches or _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
     consecutive_bad = 0
