@@ -48,6 +48,14 @@ def _labels(n: int, num_classes: int, seed: int) -> torch.Tensor | None:
     return torch.arange(seed, seed + n) % num_classes
 
 
+def class_grid(n: int, num_classes: int) -> tuple[int, int]:
+    """(images, columns) of a sample grid: with a few classes, one column per class (sample i
+    has label i mod num_classes), so each class reads down its column; else a square grid."""
+    if 1 < num_classes <= 16:
+        return num_classes * max(1, math.ceil(n / num_classes)), num_classes
+    return n, max(1, int(math.sqrt(n)))
+
+
 def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, seed: int,
              device: str | torch.device = "cpu", codec=None, annealed: bool = False) -> torch.Tensor:
     """n samples from ``sampler`` ('biflow' or 'exact'), deterministic in seed: images in
@@ -351,6 +359,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     bad = [x for x in samplers if x not in ("biflow", "biflow-cfg2", "exact") or (x != "exact" and rev is None)]
     if bad:
         raise UserError(f"samplers {bad}: allowed: biflow, biflow-cfg2 (both need a reverse run), exact")
+    grid_n, grid_cols = class_grid(opts.grid, fcfg.num_classes)
     for w in opts.guidance:
         for sampler in samplers:
             t0 = time.time()
@@ -358,14 +367,14 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
             if opts.workers > 0:
                 feats = sample_features(checkpoint, forward, storage, endpoint, sampler, opts.num_samples, w,
                                         opts.batch_size, opts.workers, log, latent_data, annealed)
-                grid = generate(flow, rev, sampler, opts.grid, w, opts.grid, 0, codec=codec, annealed=annealed)
+                grid = generate(flow, rev, sampler, grid_n, w, grid_n, 0, codec=codec, annealed=annealed)
             else:
                 xs = generate(flow, rev, sampler, opts.num_samples, w, opts.batch_size, 0, codec=codec,
                               annealed=annealed)
                 feats = inception_features(xs, batch_size=opts.batch_size)
-                grid = xs[: opts.grid]
+                grid = xs[:grid_n]
             entry = {"sampler": sampler, "guidance": w, **scores(feats)}
-            grid_path = save_grid(grid, out / f"samples-{sampler}-w{w:g}.png", nrow=int(math.sqrt(opts.grid)))
+            grid_path = save_grid(grid, out / f"samples-{sampler}-w{w:g}.png", nrow=grid_cols)
             ms = time_sampler(flow, rev, sampler, w, opts.timing_batch, annealed=annealed)
             entry.update({"annealed_guidance": annealed, "ms_per_image": ms, "timing_batch": opts.timing_batch,
                           "grid": str(grid_path), "seconds": time.time() - t0})

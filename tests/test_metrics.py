@@ -96,3 +96,13 @@ def test_save_grid_png(tmp_path):
     rgb = save_grid(torch.zeros(3, 3, 8, 8), tmp_path / "rgb.png", nrow=3)
     img = Image.open(rgb)
     assert img.mode == "RGB" and np.asarray(img)[2, 2].tolist() == [128, 128, 128]
+
+
+def test_sample_grids_have_one_column_per_class():
+    from biflow.evaluate import _labels, class_grid
+
+    n, cols = class_grid(64, 10)
+    assert (n, cols) == (70, 10)  # 7 rows of the 10 Fashion-MNIST classes
+    labels = _labels(n, 10, 0).reshape(-1, cols)
+    assert (labels == torch.arange(10)).all()  # each column is one class, row after row
+    assert class_grid(64, 1000) == (64, 8) and class_grid(64, 0) == (64, 8)  # ImageNet, unconditional: square

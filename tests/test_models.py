@@ -405,3 +405,29 @@ def test_curriculum_switches_guidance_and_perceptual_on_late():
     hook.remove()
     with pytest.raises(Exception, match=r"reverse.guidance_start must be in \[0, 1\]"):
         ReverseConfig(guidance_start=1.5).validate()
+
+
+@pytest.mark.parametrize("kind", ["token", "dense"])
+def test_z_skip_ridge_fit_recovers_a_linear_map(kind):
+    """``reverse.z_skip_init: ridge``: the skip is set to the least-squares map from z to the
+    target; with the ViT's output zero-initialised, G then starts as that map."""
+    torch.manual_seed(0)
+    flow, _, rcfg = tiny_pair()
+    rcfg.z_skip = kind
+    rev = ReverseModel(rcfg, flow.config)
+    n, d = flow.config.num_tokens, flow.config.token_dim
+    true = torch.randn(n, d, d) * 0.3  # a per-token map (dense can express it too), plus a bias
+    bias = torch.randn(n, d) * 0.1
+
+    def target(z):
+        return unpatchify(torch.einsum("bnd,nde->bne", patchify(z, 2), true) + bias, 2, 2, 8)
+
+    batches = [torch.randn(256, 2, 8, 8) for _ in range(4)]
+    sums = []
+    rows = rev.fit_z_skip(((z, target(z)) for z in batches), reduce=lambda t: (sums.append(t.shape), t * 1)[1])
+    assert rows == 1024 and len(sums) == 2  # both statistics went through the (all-)reduce
+    z = torch.randn(8, 2, 8, 8)
+    y = torch.arange(8) % 5
+    torch.testing.assert_close(rev(z, y).x, target(z), atol=1e-2, rtol=0)  # G(z) = the (ridge-shrunk) map at step 0
+    with pytest.raises(ValueError, match="z_skip is none"):
+        ReverseModel(ReverseConfig(width=48, depth=4, num_heads=4), flow.config).fit_z_skip([])

@@ -27,25 +27,22 @@ from biflow.timing import write_results
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
-# name -> overrides of the job's reverse config. "job" is the config as shipped; the others
-# switch one lever at a time off (or on) against the pre-issue-20 reverse setup ("old").
+# name -> overrides of the job's reverse config. "job" is the config as shipped; "old" is the
+# reverse setup before issue 20 (no z skip, training-time CFG and the perceptual term from the
+# first step, lr 2e-3); the others change one lever at a time against "old" or "job".
+OLD = ["reverse.z_skip=none", "reverse.z_skip_init=zero", "reverse.guidance_start=0.0", "reverse.perceptual_start=0.0",
+       "reverse.perceptual_weight=1.0", "optim.lr=0.002"]
 DEFAULT_VARIANTS: dict[str, list[str]] = {
-    "old": ["reverse.z_skip=none", "reverse.z_skip_init=zero", "reverse.guidance_start=0.0", "reverse.perceptual_start=0.0",
-            "reverse.perceptual_weight=1.0"],
-    "old+skip-dense": ["reverse.z_skip=dense", "reverse.z_skip_init=zero", "reverse.guidance_start=0.0", "reverse.perceptual_start=0.0",
-                       "reverse.perceptual_weight=1.0"],
-    "old+skip-token": ["reverse.z_skip=token", "reverse.z_skip_init=zero", "reverse.guidance_start=0.0", "reverse.perceptual_start=0.0",
-                       "reverse.perceptual_weight=1.0"],
-    "old+skip-lowrank": ["reverse.z_skip=lowrank", "reverse.z_skip_init=zero", "reverse.guidance_start=0.0", "reverse.perceptual_start=0.0",
-                         "reverse.perceptual_weight=1.0"],
-    "old+skip-dense-ridge": ["reverse.z_skip=dense", "reverse.z_skip_init=ridge", "reverse.guidance_start=0.0",
-                             "reverse.perceptual_start=0.0", "reverse.perceptual_weight=1.0"],
-    "old+skip-token-ridge": ["reverse.z_skip=token", "reverse.z_skip_init=ridge", "reverse.guidance_start=0.0",
-                             "reverse.perceptual_start=0.0", "reverse.perceptual_weight=1.0"],
-    "old+curriculum": ["reverse.z_skip=none", "reverse.guidance_start=0.7", "reverse.perceptual_start=0.7",
-                       "reverse.perceptual_weight=1.0"],
-    "old-perceptual-cfg": ["reverse.z_skip=none", "reverse.guidance_max=0.0", "reverse.perceptual_weight=0.0"],
+    "old": OLD,
+    "old+skip-dense": [*OLD, "reverse.z_skip=dense"],
+    "old+skip-dense-ridge": [*OLD, "reverse.z_skip=dense", "reverse.z_skip_init=ridge"],
+    "old+skip-token": [*OLD, "reverse.z_skip=token"],
+    "old+skip-lowrank": [*OLD, "reverse.z_skip=lowrank"],
+    "old+curriculum": [*OLD, "reverse.guidance_start=0.6", "reverse.perceptual_start=0.6"],
+    "old+lr4e-3": [*OLD, "optim.lr=0.004"],
+    "old-perceptual-cfg": [*OLD, "reverse.guidance_max=0.0", "reverse.perceptual_weight=0.0"],
     "job": [],
+    "job+perceptual": ["reverse.perceptual_weight=1.0"],
 }
 
 

@@ -100,6 +100,27 @@ class StageClock:
         return max(0.0, self.budget - self.elapsed) if self.budget > 0 else float("inf")
 
 
+class PhaseTimer:
+    """Host wall time of each phase of a step over a logging window (perf/ms_<phase> scalars):
+    loss (the model's forward, and the frozen flow's in stage 2), host_sync (the all-ranks
+    finite-loss check), backward, optimizer (clipping, the update, the LR schedule), ema. On a
+    CPU every op is synchronous, so these are the phases' costs; on a GPU they are launch times."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = collections.defaultdict(float)
+
+    def lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.total[phase] += now - since
+        return now
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        return {k: 1e3 * v / max(steps, 1) for k, v in self.total.items()}
+
+    def clear(self) -> None:
+        self.total.clear()
+
+
 @dataclass
 class RunInfo:
     name: str = "biflow"
@@ -492,7 +513,8 @@ def train_loop(config: dict[str, Any]) -> None:
     nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     say(f"{run.name}: {nparams / 1e6:.2f}M params, {world_size()} workers, engine {cfg.train.engine}"
         f"{' ZeRO-' + str(cfg.train.zero_stage) if cfg.train.engine == 'deepspeed' else ''}, {engine.precision}, "
-        f"device {device.type}, batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
+        f"device {device.type}" + (f" ({torch.get_num_threads()} torch threads)" if device.type == "cpu" else "")
+        + f", batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
 
     if cfg.train.time_budget_s > 0:
         say(f"time budget {cfg.train.time_budget_s:g} s of training ({state.train_seconds:.0f} s spent): "
@@ -501,6 +523,7 @@ def train_loop(config: dict[str, Any]) -> None:
     batches = batches or _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
+    phases = PhaseTimer()
     consecutive_bad = 0
     clock_started = False
     last_metrics: dict[str, float] = {}
@@ -535,17 +558,22 @@ def train_loop(config: dict[str, Any]) -> None:
             state.epoch, state.batch_in_epoch = epoch, index + 1
             x = x.to(device, engine.input_dtype, non_blocking=True)
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
+            t_phase = time.perf_counter()
             with engine.accumulate(), engine.autocast():
                 loss, metrics = stage.loss(engine.model, x, y, generator, step=state.step,
                                            progress=clock.progress(state.step, total))
+            t_phase = phases.lap("loss", t_phase)
             loss = callbacks.corrupt_loss(state.step + 1, loss)
             if any_rank(not bool(torch.isfinite(loss).item()), device):
                 del loss  # drop the graph: no backward, no update, nothing accumulated
                 bad_step("non-finite loss")
                 continue
+            t_phase = phases.lap("host_sync", t_phase)
             engine.backward(loss)
+            t_phase = phases.lap("backward", t_phase)
             boundary = engine.is_boundary()
             applied = engine.step()
+            phases.lap("optimizer", t_phase)
             for k, v in metrics.items():
                 window[k] += v / cfg.train.grad_accum
             state.samples_seen += x.shape[0] * world_size()
@@ -556,7 +584,9 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         consecutive_bad = 0
         state.step += 1
+        t_phase = time.perf_counter()
         ema.update()
+        phases.lap("ema", t_phase)
         window_steps += 1
         window["grad_norm"] += engine.last_grad_norm
 
@@ -578,7 +608,12 @@ def train_loop(config: dict[str, Any]) -> None:
             scalars = {f"train/{k}": v for k, v in means.items()}
             scalars.update({"train/lr": engine.lr, "train/skipped_steps": float(state.skipped_steps),
                             "perf/samples_per_s": samples_per_s, "perf/steps_per_s": steps_per_s,
-                            "perf/data_wait_frac": wait})
+                            "perf/data_wait_frac": wait,
+                            "perf/ms_data_wait": 1e3 * window_wait / window_steps,
+                            **{f"perf/ms_{k}": v for k, v in phases.per_step(window_steps).items()}})
+            last_metrics.update({f"ms_{k}": v for k, v in phases.per_step(window_steps).items()},
+                                ms_data_wait=1e3 * window_wait / window_steps)
+            phases.clear()
             corrupt = None
             if is_rank0 and config.get("data_stats"):
                 from biflow.data.pipeline import corrupt_records
