@@ -68,7 +68,7 @@ def cluster_render_cmd(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where shards, runs and results go."),
     workers: int = typer.Option(0, help="Ray Train workers per stage (0 = automatic: on a machine with up to 4 cores, "
-                                        "one worker with every core; else the job files' 2 ZeRO-2 ranks)."),
+                                        "the jobs' 2 ranks under plain PyTorch DDP; else their 2 ZeRO-2 ranks)."),
     set_: Optional[List[str]] = SetOption,
     num_samples: int = typer.Option(0, help="Samples per sampler for FID (0 = jobs/eval/quickstart.yaml's)."),
 ) -> None:

@@ -131,16 +131,20 @@ def auto_layout(job: ExperimentConfig, cpus: int | None = None) -> list[str]:
     """Overrides that pick the fastest training layout for ``job`` on this machine.
 
     On a local Ray (no ``ray.address`` or RAY_ADDRESS) with at most ``SMALL_MACHINE_CPUS``
-    cores: one Ray Train worker with every core, the plain-PyTorch engine (ZeRO partitions
-    nothing across one rank, and DeepSpeed's CPU comm op costs a one-time ~80 s JIT build)
-    and the job's global batch on that one worker. On the 2-core machine this ran the
-    quickstart flow at 272 img/s against 134 for 2 workers x 1 core under ZeRO-2 (issue 20).
-    Anywhere else the job's own workers and engine."""
+    cores: the job's workers at one CPU each under the plain-PyTorch engine (DDP). ZeRO
+    partitions nothing worth having at the quickstart's 1-2M parameters, and DeepSpeed
+    costs a one-time ~80 s JIT build of its CPU comm op on a fresh machine. Measured on the
+    2-core machine (issue 20, quickstart forward flow, global batch 64): streaming the real
+    shards, 2 workers x 1 core DDP ran 310 img/s against 259 for 1 worker x 2 cores; from
+    memory (``biflow bench train``) 322 vs 253, and DeepSpeed ZeRO-2 at 2 x 1 282. These
+    models are too small for two threads to share one process well. Anywhere else: the
+    job's own workers and engine."""
     cpus = cpus or os.cpu_count() or 1
     if job.ray.address or os.environ.get("RAY_ADDRESS") or cpus > SMALL_MACHINE_CPUS:
         return [f"ray.workers={job.ray.workers}"]
-    return ["ray.workers=1", f"ray.cpus_per_worker={cpus}", "train.engine=ddp",
-            f"train.batch_size={job.train.batch_size * job.ray.workers}"]
+    workers = max(1, min(job.ray.workers, cpus))
+    return [f"ray.workers={workers}", "ray.cpus_per_worker=1", "train.engine=ddp",
+            f"train.batch_size={job.train.batch_size * job.ray.workers // workers}"]
 
 
 RECIPE_PREFIX = "recipe."
