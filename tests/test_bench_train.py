@@ -149,6 +149,7 @@ def _check_results(r: dict, out_dir, workers: int = 2) -> None:
         assert lay["samples_per_s"] == pytest.approx(statistics.median(t["ray_runs"][key]["window_samples_per_s"]))
         assert lay["ratio_vs_plain"] == pytest.approx(lay["samples_per_s"] / ((med[2 + i] + med[3 + i]) / 2))
         assert lay["batch_per_worker"] == workers * r["setup"]["batch_per_worker"]
+    assert t["quickstart_layout"] == "ddp" and t["quickstart_layout_meets_goal"] == (t["ratio_ddp_vs_plain"] >= 0.9)
     b = t["step_breakdown"]
     assert b["ms_per_step"] == pytest.approx(sum(b["ms_per_phase"].values()))
     assert set(b["ms_per_phase"]) == {"data", "forward", "host_sync", "backward", "optimizer", "ema"}

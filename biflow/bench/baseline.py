@@ -33,25 +33,30 @@ def bench_images(n: int, channels: int, size: int, seed: int = 0):
             "random")
 
 
+def _plain_setup(flow_cfg: FlowConfig, optim_cfg, total_steps: int, seed: int):
+    """(model, optimizer, LR schedule, EMA, generator) of the plain loop, as train_loop builds them."""
+    from biflow.ema import EMA
+    from biflow.models import TARFlow
+    from biflow.train.engine import build_optimizer, warmup_cosine
+
+    torch.manual_seed(seed)
+    model = TARFlow(flow_cfg)
+    opt = build_optimizer(model, optim_cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim_cfg, total_steps))
+    return model, opt, sched, EMA(model, optim_cfg.ema_decay), torch.Generator().manual_seed(seed)
+
+
 def plain_loop(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_all, window: int, windows: int,
                 threads: int, seed: int = 0) -> dict:
     """The single-process baseline: the same per-step work as ``train_loop`` (forward_loss,
     backward, clipping, AdamW, LR schedule, EMA) on ``global_batch`` images, without
     Ray, DeepSpeed or collectives. Returns samples/s of each timed window."""
     from biflow.losses import forward_loss
-    from biflow.models import TARFlow
-    from biflow.ema import EMA
-    from biflow.train.engine import build_optimizer, warmup_cosine
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(seed)
-        model = TARFlow(flow_cfg)
-        opt = build_optimizer(model, optim_cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim_cfg, window * (windows + 1)))
-        ema = EMA(model, optim_cfg.ema_decay)
-        gen = torch.Generator().manual_seed(seed)
+        model, opt, sched, ema, gen = _plain_setup(flow_cfg, optim_cfg, window * (windows + 1), seed)
         x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
         rates = []
         for _ in range(windows + 1):
@@ -123,20 +128,12 @@ def step_breakdown(flow_cfg: FlowConfig, optim_cfg, global_batch: int, x_all, y_
     CPU every op is synchronous, so wall time per phase is the phase's cost."""
     import statistics
 
-    from biflow.ema import EMA
     from biflow.losses import forward_loss
-    from biflow.models import TARFlow
-    from biflow.train.engine import build_optimizer, warmup_cosine
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(seed)
-        model = TARFlow(flow_cfg)
-        opt = build_optimizer(model, optim_cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim_cfg, steps + 2))
-        ema = EMA(model, optim_cfg.ema_decay)
-        gen = torch.Generator().manual_seed(seed)
+        model, opt, sched, ema, gen = _plain_setup(flow_cfg, optim_cfg, steps + 2, seed)
         x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
         phases: dict[str, list[float]] = {k: [] for k in ("data", "forward", "host_sync", "backward", "optimizer",
                                                            "ema")}
