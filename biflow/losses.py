@@ -140,6 +140,11 @@ class TrainingPair:
     y: Tensor | None
     states: list[Tensor]
 
+    def target(self, rcfg: ReverseConfig) -> Tensor:
+        """What G's output is supervised with: the clean x (learned denoising), or x~ itself
+        (``reverse.denoise: tweedie``: G inverts F exactly and F's Tweedie step denoises)."""
+        return self.x_noisy if rcfg.denoise == "tweedie" else self.x
+
 
 def make_pairs(flow, x: Tensor, y: Tensor | None, fcfg: FlowConfig,
                generator: torch.Generator | None = None) -> TrainingPair:
@@ -188,7 +193,7 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
     ``progress`` (the stage's progress in [0, 1]; None = done) drives the curriculum: the
     guidance and the perceptual term are off before ``guidance_start`` / ``perceptual_start``.
     """
-    x, x_noisy, y_in, states = pair.x, pair.x_noisy, pair.y, pair.states
+    x, y_in, states = pair.x, pair.y, pair.states
     b = x.shape[0]
     z = states[-1]
     w_max = guidance_ceiling(rcfg, step)
@@ -216,7 +221,7 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
     align_terms = [alignment_distance(pred, states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
     align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms])
     align = align.sum(0) if rcfg.align_reduce == "sum" else align.mean(0)
-    target = x_noisy if rcfg.denoise == "tweedie" else x  # tweedie: G inverts F exactly; denoising is F's
+    target = pair.target(rcfg)
     mse = (x_hat.float() - target.float()).pow(2).flatten(1).mean(1)
     total = rcfg.align_weight * align + rcfg.denoise_weight * adaptive_weight(mse, p, rcfg.output_eps)
     perc = None

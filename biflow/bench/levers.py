@@ -64,19 +64,12 @@ class CachedPairs:
 
 def fashion_mnist(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` images of a Fashion-MNIST split in [-1, 1] and their labels."""
-    import gzip
+    from biflow.data.sources import FASHION_MNIST_DIR, FASHION_MNIST_FILES, read_idx
 
-    import numpy as np
-
-    from biflow.data.sources import FASHION_MNIST_DIR
-
-    prefix = "train" if split == "train" else "t10k"
-    root = Path(FASHION_MNIST_DIR)
-    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
-    return torch.from_numpy(x.copy()).float().div(127.5).sub(1.0), torch.from_numpy(y.copy())
+    images, labels = (Path(FASHION_MNIST_DIR) / f for f in FASHION_MNIST_FILES[split])
+    x = read_idx(images)[:n].reshape(-1, 1, 28, 28)
+    y = read_idx(labels)[:n].astype("int64")
+    return torch.from_numpy(x.copy()).float().div(127.5).sub(1.0), torch.from_numpy(y)
 
 
 @torch.no_grad()
@@ -128,8 +121,7 @@ def train_variant(cfg: ExperimentConfig, train: CachedPairs, test: CachedPairs, 
     if rcfg.z_skip != "none" and rcfg.z_skip_init == "ridge":  # as the training loop does, on its first batches
         t0 = time.perf_counter()
         idx = [torch.randint(0, len(train.x), (batch,), generator=order) for _ in range(rcfg.z_skip_init_batches)]
-        target = (lambda b: b.x_noisy) if rcfg.denoise == "tweedie" else (lambda b: b.x)
-        rev.fit_z_skip((b.states[-1], target(b)) for b in map(train.batch, idx))
+        rev.fit_z_skip((b.states[-1], b.target(rcfg)) for b in map(train.batch, idx))
         init_s = time.perf_counter() - t0
         psnrs[0] = heldout_psnr(rev, test)
         log(f"  ridge-initialised z skip: held-out PSNR {psnrs[0]:.2f} dB before the first step ({init_s:.1f} s)")

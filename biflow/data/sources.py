@@ -169,7 +169,8 @@ def scan_folder(root: Path, splits: list[str]) -> Source:
     return Source("folder", str(root), classes or [], classes or [], 3, out)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """A gzipped idx file of uint8 (the MNIST family's format) as an array of its shape."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
@@ -190,7 +191,7 @@ def scan_fashion_mnist(root: Path, splits: list[str]) -> Source:
                             "`sudo apt-get install dataset-fashion-mnist` (files land in "
                             f"{FASHION_MNIST_DIR}), or download the four idx .gz files from "
                             "https://github.com/zalandoresearch/fashion-mnist and pass their folder as SOURCE")
-        pixels, y = _read_idx(images), _read_idx(labels)
+        pixels, y = read_idx(images), read_idx(labels)
         if len(pixels) != len(y):
             raise UserError(f"{root}: {len(pixels)} images but {len(y)} labels in the {split} split")
         out[split] = SplitSource(split, [f"{split}/{i:05d}" for i in range(len(y))], [int(v) for v in y],

@@ -110,6 +110,10 @@ class ForwardStage:
 
         return forward_loss(model, x, y, self.cfg.flow, generator=generator)
 
+    def init_from_data(self, module: nn.Module, batches: Iterator, generator=None) -> str:
+        """Weights fitted to data before the first step (none for the flow); a log line or ""."""
+        return ""
+
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_exact
 
@@ -170,7 +174,7 @@ class ReverseStage(ForwardStage):
                 x = x.to(self.device, torch.float32)
                 y = y.to(self.device) if self.flow_cfg.num_classes > 0 else None
                 pair = make_pairs(self.flow, x, y, self.flow_cfg, generator)
-                yield pair.states[-1], (pair.x_noisy if rcfg.denoise == "tweedie" else pair.x)
+                yield pair.states[-1], pair.target(rcfg)
 
         def reduce(t: torch.Tensor) -> torch.Tensor:
             if world_size() > 1:
@@ -431,7 +435,7 @@ def train_loop(config: dict[str, Any]) -> None:
     say = (lambda msg: print(f"[{cfg.stage}] {msg}", flush=True)) if is_rank0 else (lambda msg: None)
     checkpoint, source = newest_checkpoint(ray.train.get_checkpoint(), run)
     batches = None
-    if checkpoint is None and hasattr(stage, "init_from_data"):  # data-fitted weights, before the engine copies them
+    if checkpoint is None:  # data-fitted weights, before the engine copies them
         batches = _batches(cfg, TrainState())
         done = stage.init_from_data(module.to(device), batches, generator)
         if done:
