@@ -204,6 +204,23 @@ def bench_levers_cmd(
                  storage=storage, log=lambda msg: print(msg, flush=True))
 
 
+@bench_app.command("flow-ref")
+@friendly_errors
+def bench_flow_ref_cmd(
+    reference: Path = typer.Option(..., help="A checkout of https://github.com/apple/ml-tarflow (its transformer_flow.py)."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory for flow-ref.json and .png."),
+    shape: Optional[list[str]] = typer.Option(None, help="Only these shapes (default: all of biflow.bench.flow_reference.SHAPES)."),
+    steps: int = typer.Option(500, help="Optimizer steps per model."),
+    batch: int = typer.Option(32, help="Images per step."),
+    seeds: int = typer.Option(1, help="Seeds per shape (the gap is averaged over them)."),
+) -> None:
+    """Our forward flow as shipped against ml-tarflow's model: held-out NLL and step time at the same budget."""
+    from biflow.bench.flow_reference import bench_flow_reference
+
+    bench_flow_reference(reference, out, shapes=shape, steps=steps, batch=batch, seeds=seeds,
+                         log=lambda msg: print(msg, flush=True))
+
+
 @bench_app.command("train")
 @friendly_errors
 def bench_train_cmd(
@@ -215,11 +232,11 @@ def bench_train_cmd(
     memory: bool = typer.Option(True, help="Measure per-rank model-state memory, ZeRO-3 vs ZeRO-0."),
     mfu: bool = typer.Option(True, help="Measure bf16 forward-flow training MFU (CUDA only)."),
     peak_tflops: Optional[float] = typer.Option(None, help="bf16 peak TFLOP/s of the GPU (default: known GPUs)."),
-    layouts: bool = typer.Option(True, help="Also time one worker with every core (the quickstart's layout), "
-                                            "DDP and ZeRO-2."),
+    layouts: bool = typer.Option(True, help="Also time one worker with every core, DDP and ZeRO-2 (the "
+                                            "quickstart's layout on a small machine is the 2 x 1 DDP run)."),
 ) -> None:
-    """ZeRO-2 under Ray Train vs a plain PyTorch loop (samples/s), the quickstart's layout, a step's breakdown,
-    ZeRO-3 vs ZeRO-0 memory, GPU MFU."""
+    """ZeRO-2 and DDP under Ray Train vs a plain PyTorch loop (samples/s), forward and reverse stage, a step's
+    breakdown, ZeRO-3 vs ZeRO-0 memory, GPU MFU."""
     from biflow.bench import bench_train
 
     bench_train(out, preset=preset, workers=workers, window=window, windows=windows, memory=memory, mfu=mfu,

@@ -14,6 +14,19 @@ from typing import Callable
 import torch
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None where matplotlib is not installed
+    (a bare device machine): every benchmark writes its JSON first, and the chart is a view."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),

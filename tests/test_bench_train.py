@@ -160,6 +160,15 @@ def _check_results(r: dict, out_dir, workers: int = 2) -> None:
     assert r["setup"]["threads"]["total"] == workers
     assert r["setup"]["global_batch"] == workers * r["setup"]["batch_per_worker"]
     assert r["setup"]["precision"] == "fp32"
+    # the reverse stage in the quickstart's layout, against plain sessions of the same stage around it
+    rev = r["reverse"]
+    rmed = [statistics.median(s["window_samples_per_s"]) for s in rev["plain_sessions"][f"{workers}_threads"]]
+    assert len(rmed) == 2
+    assert rev["samples_per_s"]["ddp_ray"] == pytest.approx(statistics.median(rev["ray_run"]["window_samples_per_s"]))
+    assert rev["ratio_ddp_vs_plain"] == pytest.approx(rev["samples_per_s"]["ddp_ray"] / statistics.fmean(rmed))
+    assert rev["meets_goal"] == (rev["ratio_ddp_vs_plain"] >= 0.9)
+    assert rev["step_breakdown"]["stage"] == "reverse" and rev["step_breakdown"]["ms_per_step"] > 0
+    assert b["stage"] == "forward"
 
     m = r["memory"]
     z0, z3 = m["breakdown_per_rank"]["zero0"], m["breakdown_per_rank"]["zero3"]

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from biflow.config import ExperimentConfig, apply_overrides, load_config, to_dict
-from biflow.timing import write_results
+from biflow.timing import pyplot, write_results
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -195,12 +195,8 @@ def bench_levers(forward: str, out_dir: str | Path = "runs/bench", job: str = "q
 
 
 def _plot(path: Path, results: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the JSON is the product; the chart is a view
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, v in results["variants"].items():

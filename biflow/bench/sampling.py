@@ -12,16 +12,15 @@ import torch
 
 from biflow.config import FlowConfig, ReverseConfig
 from biflow.errors import UserError
-from biflow.timing import machine_info, timeit, write_results
+from biflow.timing import machine_info, pyplot, timeit, write_results
 
 
 def bar_chart(path: str | Path, labels: list[str], values: list[float], ylabel: str, title: str,
               log: bool = False, lines: dict[str, float] | None = None) -> None:
     """A labelled bar per value; ``lines`` draws named horizontal references (a baseline, a floor)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
     bars = ax.bar(labels, values, color="#4C72B0")

@@ -21,7 +21,7 @@ from biflow.bench.baseline import bench_images, plain_loop_subprocess
 from biflow.bench.flops import embedding_params, flow_train_flops, mfu_section
 from biflow.bench.memory import memory_run
 from biflow.errors import UserError
-from biflow.timing import write_results
+from biflow.timing import pyplot, write_results
 
 
 @dataclass
@@ -35,6 +35,15 @@ class TrainBenchPreset:
     memory_batch: int
     mfu_flow: dict  # GPU only
     mfu_batch: int
+    reverse: dict | None = None  # reverse model of the reverse-stage runs (ReverseConfig fields); None: skipped
+
+
+def _job_reverse(job: str) -> dict:
+    """The ``reverse`` section of ``jobs/<job>-reverse.yaml``, as shipped."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / f"{job}-reverse.yaml"
+    return dict(yaml.safe_load(path.read_text())["reverse"])
 
 
 QUICKSTART_FLOW = dict(image_size=28, channels=1, patch_size=4, width=96, depth=2, num_blocks=4, num_heads=4,
@@ -44,24 +53,30 @@ TRAIN_PRESETS: dict[str, Callable[[], TrainBenchPreset]] = {
     "quickstart": lambda: TrainBenchPreset(
         flow=dict(QUICKSTART_FLOW), batch_size=32, window=10, windows=4, images=4096,
         memory_flow=dict(QUICKSTART_FLOW, width=256, num_heads=4), memory_batch=4,
-        mfu_flow=dict(size="B/2", image_size=32, channels=4, num_classes=1000), mfu_batch=64),
+        mfu_flow=dict(size="B/2", image_size=32, channels=4, num_classes=1000), mfu_batch=64,
+        reverse=_job_reverse("quickstart")),
     "tiny": lambda: TrainBenchPreset(
         flow=dict(QUICKSTART_FLOW, width=32, depth=1, num_blocks=2, num_heads=2), batch_size=8, window=2,
         windows=2, images=256,
         memory_flow=dict(QUICKSTART_FLOW, width=64, depth=1, num_blocks=2, num_heads=2), memory_batch=2,
-        mfu_flow=dict(QUICKSTART_FLOW, width=32, depth=1, num_blocks=2, num_heads=2), mfu_batch=8),
+        mfu_flow=dict(QUICKSTART_FLOW, width=32, depth=1, num_blocks=2, num_heads=2), mfu_batch=8,
+        reverse=dict(_job_reverse("quickstart"), width=32, depth=2, num_heads=2)),
 }
 
 
 def _bench_experiment(flow: dict, batch: int, steps: int, log_every: int, engine: str, zero_stage: int,
-                      workers: int, storage: str = "runs", cpus_per_worker: float = 1) -> dict:
-    """A forward-stage experiment dict (``load_config`` input) for the bench runs."""
+                      workers: int, storage: str = "runs", cpus_per_worker: float = 1, reverse: dict | None = None,
+                      forward_checkpoint: str = "") -> dict:
+    """An experiment dict (``load_config`` input) for the bench runs: the forward stage, or with
+    ``reverse`` the reverse stage against the flow at ``forward_checkpoint``."""
+    stage = {"stage": "forward"} if reverse is None else {"stage": "reverse", "reverse": dict(reverse)}
     return {
-        "name": "bench-train", "stage": "forward", "flow": dict(flow),
+        "name": "bench-train", **stage, "flow": dict(flow),
         "data": {"shuffle_buffer": 0, "prefetch_batches": 2},
         "optim": {"lr": 0.002, "warmup_steps": min(50, max(1, steps // 5)), "ema_decay": 0.995, "grad_clip": 1.0},
         "train": {"steps": steps, "batch_size": batch, "engine": engine, "zero_stage": zero_stage,
-                  "log_every": log_every, "checkpoint_every": steps, "keep_checkpoints": 1, "sample_every": 0},
+                  "log_every": log_every, "checkpoint_every": steps, "keep_checkpoints": 1, "sample_every": 0,
+                  "forward_checkpoint": forward_checkpoint},
         "ray": {"workers": workers, "cpus_per_worker": cpus_per_worker, "max_failures": 0, "storage": storage},
     }
 
@@ -98,6 +113,42 @@ def _ray_train_run(exp: dict, storage: str, name: str, dataset, window: int) -> 
 
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def _reverse_runs(p: TrainBenchPreset, workers: int, window: int, windows: int, steps: int, storage: str, dataset,
+                  plain_sessions: Callable, log: Callable[[str], None]) -> dict:
+    """The reverse stage at the preset's shape: a forward flow (2 steps: its weights do not
+    change the cost of a step) is trained and checkpointed, then the reverse stage runs in the
+    quickstart's layout (``workers`` x 1 CPU, DDP), bracketed by plain single-process
+    sessions of the same stage (the same loss, curriculum included, on the global batch)."""
+    from biflow.bench.baseline import step_breakdown
+
+    fwd = _bench_experiment(p.flow, p.batch_size, 2, 1, "ddp", 0, workers, storage)
+    _ray_train_run(fwd, storage, "bench-forward-for-reverse", dataset, 1)
+    exp = _bench_experiment(p.flow, p.batch_size, steps, window, "ddp", 0, workers, storage, reverse=p.reverse,
+                            forward_checkpoint="bench-forward-for-reverse")
+    plain: dict[int, list[dict]] = {}
+    plain_sessions(0, exp, plain, "reverse")
+    run = _ray_train_run(exp, storage, "bench-reverse-ddp", dataset, window)
+    log(f"reverse stage, DDP under Ray Train: {_median(run['window_samples_per_s']):.1f} samples/s")
+    plain_sessions(1, exp, plain, "reverse")
+    bracket = {f"{t}_threads": statistics.fmean(_median(s["window_samples_per_s"]) for s in v) for t, v in plain.items()}
+    ddp = _median(run["window_samples_per_s"])
+    x, y, _ = bench_images(p.images, p.flow["channels"], p.flow["image_size"])
+    return {
+        "reverse": {k: p.reverse[k] for k in ("width", "depth", "num_heads", "z_skip", "guidance_max",
+                                               "guidance_start", "perceptual_weight") if k in p.reverse},
+        "samples_per_s": {"plain_pytorch": bracket[f"{workers}_threads"], "ddp_ray": ddp,
+                          **({"plain_pytorch_1thread": bracket["1_threads"]} if "1_threads" in bracket else {})},
+        "ratio_ddp_vs_plain": ddp / bracket[f"{workers}_threads"],
+        "goal_ratio": 0.90,
+        "meets_goal": ddp / bracket[f"{workers}_threads"] >= 0.90,
+        "ratio_method": "the Ray run / mean of the medians of the plain sessions right before and after it",
+        "plain_sessions": {f"{k}_threads": v for k, v in plain.items()},
+        "ray_run": run,
+        "step_breakdown": step_breakdown(exp, p.batch_size * workers, x, y, steps=max(4, window), threads=workers,
+                                         storage=storage),
+    }
 
 
 def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", workers: int = 2,
@@ -151,19 +202,21 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
     log(f"bench train ({preset}): flow {cfg.flow.width}w x {cfg.flow.num_blocks}x{cfg.flow.depth}, "
         f"batch {p.batch_size}/worker x {workers}, {windows} windows of {window} steps after 1 warm-up window")
 
-    def plain_sessions(seed: int) -> None:
+    def plain_sessions(seed: int, exp: dict = exp_z2, into: dict | None = None, stage: str = "") -> None:
         # (b) with `workers` threads (same cores as the Ray workers), and 1 thread for reference
         for threads in dict.fromkeys((workers, 1)):
-            r = plain_loop_subprocess(cfg.flow, cfg.optim, p.batch_size * workers, len(x), window, windows,
-                                       threads, seed)
-            plain.setdefault(threads, []).append(r)
-            log(f"plain loop, {threads} thread(s): {_median(r['window_samples_per_s']):.1f} samples/s")
-        loads[f"after_plain_{seed}"] = list(os.getloadavg())
+            r = plain_loop_subprocess(exp, p.batch_size * workers, len(x), window, windows, threads, seed,
+                                      storage)
+            (plain if into is None else into).setdefault(threads, []).append(r)
+            log(f"plain loop{f' ({stage})' if stage else ''}, {threads} thread(s): "
+                f"{_median(r['window_samples_per_s']):.1f} samples/s")
+        loads[f"after_plain{f'_{stage}' if stage else ''}_{seed}"] = list(os.getloadavg())
 
+    storage = tempfile.mkdtemp(prefix="biflow-bench-train-")
     plain: dict[int, list[dict]] = {}
     plain_sessions(0)
 
-    storage = tempfile.mkdtemp(prefix="biflow-bench-train-")
+    reverse = None
     try:
         from biflow.train.launch import init_ray
 
@@ -186,6 +239,9 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
             log(f"{key} under Ray Train: {_median(runs[key]['window_samples_per_s']):.1f} samples/s")
             loads[f"after_{key}"] = list(os.getloadavg())
             plain_sessions(i + 1)
+        if p.reverse is not None:
+            reverse = _reverse_runs(p, workers, window, windows, steps, storage, dataset, plain_sessions, log)
+            loads["after_reverse"] = list(os.getloadavg())
         del dataset
 
         mem = None
@@ -240,8 +296,8 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
     throughput["quickstart_layout_meets_goal"] = throughput["ratio_ddp_vs_plain"] >= 0.90
     from biflow.bench.baseline import step_breakdown
 
-    throughput["step_breakdown"] = step_breakdown(cfg.flow, cfg.optim, p.batch_size * workers, x, y,
-                                                  steps=max(4, window), threads=workers)
+    throughput["step_breakdown"] = step_breakdown(exp_z2, p.batch_size * workers, x, y, steps=max(4, window),
+                                                  threads=workers)
     flops = flow_train_flops(cfg.flow, p.batch_size * workers)
     throughput["model_flops_per_step"] = flops["flops_per_step"]
     throughput["achieved_flops_per_s"] = {k: v / (p.batch_size * workers) * flops["flops_per_step"]
@@ -271,6 +327,8 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
         },
         "throughput": throughput,
     }
+    if reverse is not None:
+        results["reverse"] = reverse
     if mem is not None:
         z0, z3 = mem["zero0"], mem["zero3"]
         per_rank = {"zero0": [r["model_states"] for r in z0], "zero3": [r["model_states"] for r in z3]}
@@ -318,6 +376,10 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
         f"(ratio {t['ratio_ddp_vs_plain']:.3f})")
     for key, v in t.get("layouts", {}).items():
         log(f"  {key} under Ray Train: {v['samples_per_s']:.1f} samples/s (ratio {v['ratio_vs_plain']:.3f})")
+    if reverse is not None:
+        log(f"reverse stage: plain {reverse['samples_per_s']['plain_pytorch']:.1f} | DDP/Ray (the quickstart's "
+            f"layout) {reverse['samples_per_s']['ddp_ray']:.1f} samples/s (ratio {reverse['ratio_ddp_vs_plain']:.3f}, "
+            f"goal >= 0.90)")
     b = t["step_breakdown"]
     log("plain step {:.1f} ms: ".format(b["ms_per_step"]) + ", ".join(f"{k} {v:.1f}" for k, v in b["ms_per_phase"].items()))
     if "memory" in results:
@@ -333,10 +395,9 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
 
 
 def _train_chart(path: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     has_mem = "memory" in results
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4))
@@ -355,6 +416,11 @@ def _train_chart(path: Path, results: dict) -> None:
         labels.append(key.replace("_", "\n", 1) + "\nRay Train")
         values.append(v["samples_per_s"])
         colors.append("#8172B2")
+    if "reverse" in results:
+        r = results["reverse"]["samples_per_s"]
+        labels += ["reverse: plain\n(1 proc x %d thr)" % results["setup"]["workers"], "reverse: DDP\nRay Train"]
+        values += [r["plain_pytorch"], r["ddp_ray"]]
+        colors += ["#999999", "#C44E52"]
     bars = axes[0].bar(labels, values, color=colors)
     plt.setp(axes[0].get_xticklabels(), fontsize=7)
     axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
