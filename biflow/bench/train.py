@@ -400,7 +400,7 @@ def _train_chart(path: Path, results: dict) -> None:
         return
 
     has_mem = "memory" in results
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4))
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 7, 4.6))
     axes = list(axes) if has_mem else [axes]
     t = results["throughput"]
     sps = t["samples_per_s"]
@@ -422,7 +422,7 @@ def _train_chart(path: Path, results: dict) -> None:
         values += [r["plain_pytorch"], r["ddp_ray"]]
         colors += ["#999999", "#C44E52"]
     bars = axes[0].bar(labels, values, color=colors)
-    plt.setp(axes[0].get_xticklabels(), fontsize=7)
+    plt.setp(axes[0].get_xticklabels(), fontsize=7, rotation=35, ha="right")
     axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
     axes[0].set_ylabel("samples / s")
     axes[0].set_title(f"Throughput (ZeRO-2/plain = {t['ratio_zero2_vs_plain']:.2f}, goal >= 0.90)", fontsize=9)
