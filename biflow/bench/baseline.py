@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 
-
 def bench_images(n: int, channels: int, size: int, seed: int = 0):
     """Fashion-MNIST when it is installed and fits the flow, else random uint8 images."""
     import gzip

@@ -33,7 +33,7 @@ import torch
 from biflow.config import FlowConfig, OptimConfig, load_config
 from biflow.timing import pyplot, write_results
 
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
+from biflow.recipe import JOBS_DIR as JOBS
 
 # small unconditional Fashion-MNIST shapes: (width, depth per block, blocks, patch, heads)
 SHAPES: dict[str, dict[str, int]] = {

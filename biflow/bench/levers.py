@@ -25,7 +25,7 @@ import torch
 from biflow.config import ExperimentConfig, apply_overrides, load_config, to_dict
 from biflow.timing import pyplot, write_results
 
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
+from biflow.recipe import JOBS_DIR as JOBS
 
 # name -> overrides of the job's reverse config. "job" is the config as shipped; "old" is the
 # reverse setup before issue 20 (no z skip, training-time CFG and the perceptual term from the

@@ -24,7 +24,7 @@ from biflow.config import ExperimentConfig, load_config
 from biflow.timing import write_results
 
 GOAL_RATIO = 1.5
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
+from biflow.recipe import JOBS_DIR as JOBS
 
 
 def _variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:

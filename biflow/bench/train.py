@@ -40,10 +40,10 @@ class TrainBenchPreset:
 
 def _job_reverse(job: str) -> dict:
     """The ``reverse`` section of ``jobs/<job>-reverse.yaml``, as shipped."""
-    import yaml
+    from biflow.config import read_yaml
+    from biflow.recipe import JOBS_DIR
 
-    path = Path(__file__).resolve().parents[2] / "jobs" / f"{job}-reverse.yaml"
-    return dict(yaml.safe_load(path.read_text())["reverse"])
+    return dict(read_yaml(JOBS_DIR / f"{job}-reverse.yaml")["reverse"])
 
 
 QUICKSTART_FLOW = dict(image_size=28, channels=1, patch_size=4, width=96, depth=2, num_blocks=4, num_heads=4,
@@ -116,7 +116,7 @@ def _median(values: list[float]) -> float:
 
 
 def _reverse_runs(p: TrainBenchPreset, workers: int, window: int, windows: int, steps: int, storage: str, dataset,
-                  plain_sessions: Callable, log: Callable[[str], None]) -> dict:
+                  x, y, plain_sessions: Callable, log: Callable[[str], None]) -> dict:
     """The reverse stage at the preset's shape: a forward flow (2 steps: its weights do not
     change the cost of a step) is trained and checkpointed, then the reverse stage runs in the
     quickstart's layout (``workers`` x 1 CPU, DDP), bracketed by plain single-process
@@ -134,7 +134,6 @@ def _reverse_runs(p: TrainBenchPreset, workers: int, window: int, windows: int, 
     plain_sessions(1, exp, plain, "reverse")
     bracket = {f"{t}_threads": statistics.fmean(_median(s["window_samples_per_s"]) for s in v) for t, v in plain.items()}
     ddp = _median(run["window_samples_per_s"])
-    x, y, _ = bench_images(p.images, p.flow["channels"], p.flow["image_size"])
     return {
         "reverse": {k: p.reverse[k] for k in ("width", "depth", "num_heads", "z_skip", "guidance_max",
                                                "guidance_start", "perceptual_weight") if k in p.reverse},
@@ -240,7 +239,7 @@ def bench_train(out_dir: str | Path = "runs/bench", preset: str = "quickstart", 
             loads[f"after_{key}"] = list(os.getloadavg())
             plain_sessions(i + 1)
         if p.reverse is not None:
-            reverse = _reverse_runs(p, workers, window, windows, steps, storage, dataset, plain_sessions, log)
+            reverse = _reverse_runs(p, workers, window, windows, steps, storage, dataset, x, y, plain_sessions, log)
             loads["after_reverse"] = list(os.getloadavg())
         del dataset
 
