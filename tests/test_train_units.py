@@ -37,6 +37,39 @@ def test_deepspeed_config_follows_typed_config():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
     assert "bf16" not in deepspeed_config(cfg, world_size=2, precision="fp32")
+    # reduce-scatter overlapped with backward on GPUs only (gloo gains nothing)
+    assert ds["zero_optimization"]["overlap_comm"] is False
+    gpu = deepspeed_config(smoke(overrides=["train.zero_stage=2"]), world_size=8, precision="bf16", device_type="cuda")
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+
+
+def test_adamw_is_fused_on_cuda_only():
+    from biflow.train.engine import build_optimizer
+
+    opt = build_optimizer(torch.nn.Linear(4, 4), smoke().optim)
+    assert opt.defaults["fused"] in (None, False) and opt.defaults["foreach"] is False
+    if torch.cuda.is_available():
+        assert build_optimizer(torch.nn.Linear(4, 4).cuda(), smoke().optim).defaults["fused"] is True
+
+
+def test_compile_failure_at_the_first_step_falls_back_to_eager():
+    from biflow.train.engine import compile_module, first_call
+
+    class Breaks(torch.nn.Module):  # eager works; the compiled call raises (as a compiler failure would)
+        def forward(self, x):
+            return x * 2
+
+    m = compile_module(Breaks())
+    calls, said = [], []
+
+    def step():
+        if m._compiled_call_impl is not None:
+            raise RuntimeError("inductor: no C++ compiler\nmore lines")
+        calls.append(m(torch.ones(2)).sum().item())
+
+    assert first_call(m, step, say=said.append) == "RuntimeError: inductor: no C++ compiler"
+    assert calls == [4.0] and m._compiled_call_impl is None and "running eager" in said[0]
+    assert first_call(torch.nn.Linear(2, 2), lambda: calls.append(1.0)) is None and calls == [4.0, 1.0]
 
 
 def test_warmup_cosine_schedule():

@@ -1,9 +1,11 @@
-"""Model FLOPs of forward-flow training, GPU bf16 peaks, and measured MFU
-(one process, the DDP engine at world size 1)."""
+"""Model FLOPs of forward-flow training (a formula, checked against torch's FLOP
+counter on the meta device), GPU bf16 peaks, and measured MFU on the training
+path (one process: the DeepSpeed ZeRO-2 engine at world size 1, or DDP)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -47,7 +49,8 @@ def flow_train_flops(cfg: FlowConfig, batch: int) -> dict:
     """
     from biflow.models import TARFlow
 
-    flow = TARFlow(cfg)
+    with torch.device("meta"):  # shapes only: XL/2 costs no memory
+        flow = TARFlow(cfg)
     dense = sum(p.numel() for n, p in flow.named_parameters()
                 if not n.endswith("pos_embed") and ".label_embed." not in n)
     n_tok, layers = cfg.num_tokens, cfg.num_blocks * cfg.depth
@@ -58,56 +61,84 @@ def flow_train_flops(cfg: FlowConfig, batch: int) -> dict:
 
 
 def measure_mfu(cfg: FlowConfig, batch: int, steps: int = 20, warmup: int = 5, precision: str = "bf16",
-                peak_flops: float | None = None, compile_model: bool = False, device: str | None = None) -> dict:
-    """Forward-flow training speed in one process (the DDP engine at world size 1:
-    AdamW, clipping, ``precision`` autocast) and its model-FLOP utilisation.
+                peak_flops: float | None = None, compile_model: bool = False, device: str | None = None,
+                engine: str = "deepspeed", zero_stage: int = 2, compile_backend: str = "inductor") -> dict:
+    """Forward-flow training speed in one process, on the path training takes: the
+    engine the jobs use (DeepSpeed ZeRO-2 by default, world size 1; ``engine="ddp"``
+    is the plain one), AdamW, clipping, ``precision``; and its model-FLOP utilisation.
 
-    Runs on any device; MFU needs ``peak_flops`` (looked up for known GPUs)."""
+    ``compile_model`` compiles the module (:func:`biflow.train.engine.compile_module`);
+    a compile failure at the first step falls back to eager and is recorded
+    (``compile_error``). Runs on any device; MFU needs ``peak_flops``."""
     from biflow.config import ExperimentConfig, OptimConfig, TrainConfig
     from biflow.losses import forward_loss
     from biflow.models import TARFlow
-    from biflow.train.engine import build_engine
+    from biflow.train.engine import build_engine, compile_module, first_call, single_process_group
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     exp = ExperimentConfig(flow=cfg, optim=OptimConfig(warmup_steps=0),
-                           train=TrainConfig(steps=steps + warmup, batch_size=batch, engine="ddp",
-                                             precision=precision))
+                           train=TrainConfig(steps=steps + warmup, batch_size=batch, engine=engine,
+                                             zero_stage=zero_stage, precision=precision))
     torch.manual_seed(0)
-    engine = build_engine(TARFlow(cfg), exp, dev)
-    model = engine.model
-    compiled = False
+    module = TARFlow(cfg)
     if compile_model:
-        try:
-            model = torch.compile(engine.model)
-            compiled = True
-        except Exception:  # fall back to eager; recorded in the result
-            model = engine.model
-    gen = torch.Generator(dev).manual_seed(0)
-    x = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=dev, generator=gen) * 2 - 1
-    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=dev, generator=gen) if cfg.num_classes else None
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        compile_module(module, compile_backend)
+    with single_process_group(dev):
+        eng = build_engine(module, exp, dev)
+        gen = torch.Generator(dev).manual_seed(0)
+        x = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=dev, generator=gen) * 2 - 1
+        x = x.to(eng.input_dtype)
+        y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=dev, generator=gen) if cfg.num_classes else None
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    def step() -> None:
-        with engine.autocast():
-            loss, _ = forward_loss(model, x, y, cfg, generator=gen)
-        engine.backward(loss)
-        engine.step()
+        def step() -> None:
+            with eng.autocast():
+                loss, _ = forward_loss(eng.model, x, y, cfg, generator=gen)
+            eng.backward(loss)
+            eng.step()
 
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / steps
+        t_first = time.perf_counter()
+        compile_error = first_call(module, step)  # compiles here; falls back to eager on failure
+        sync()
+        first_s = time.perf_counter() - t_first
+        for _ in range(warmup - 1):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        seconds = (time.perf_counter() - t0) / steps
+        precision_used = eng.precision
+        del eng
     flops = flow_train_flops(cfg, batch)
     achieved = flops["flops_per_step"] / seconds
-    return {"device": str(dev), "precision": engine.precision, "compiled": compiled, "batch": batch,
+    return {"device": str(dev), "engine": engine, "zero_stage": zero_stage if engine == "deepspeed" else None,
+            "precision": precision_used, "compiled": compile_model and compile_error is None,
+            "compile_backend": compile_backend if compile_model else None,
+            "compile_error": compile_error, "first_step_s": first_s, "batch": batch,
             "steps_timed": steps, "step_s": seconds, "samples_per_s": batch / seconds, **flops,
             "achieved_flops_per_s": achieved, "peak_flops_per_s": peak_flops,
             "mfu": achieved / peak_flops if peak_flops else None}
 
+
+def counted_train_flops(cfg: FlowConfig, batch: int) -> int:
+    """FLOPs of one forward-flow training step (forward + backward of the NLL) as
+    ``torch.utils.flop_counter`` counts them, on the meta device (no memory, no time):
+    the check on :func:`flow_train_flops`'s formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from biflow.losses import nll_per_dim
+    from biflow.models import TARFlow
+
+    with torch.device("meta"):
+        flow = TARFlow(cfg)
+        x = torch.empty(batch, cfg.channels, cfg.image_size, cfg.image_size)
+        y = torch.zeros(batch, dtype=torch.long) if cfg.num_classes else None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nll_per_dim(flow(x, y)).mean().backward()
+    return int(counter.get_total_flops())
 
 
 def embedding_params(cfg: FlowConfig) -> int:
@@ -115,22 +146,38 @@ def embedding_params(cfg: FlowConfig) -> int:
     return per_block * cfg.num_blocks
 
 
-def mfu_section(mfu_flow: dict, mfu_batch: int, peak_tflops: float | None) -> dict:
-    """bf16 training MFU of ``mfu_flow`` (FlowConfig fields, or a ``size`` name) on CUDA."""
+def mfu_runs(cfg: FlowConfig, batch: int, **kwargs: Any) -> dict[str, dict]:
+    """:func:`measure_mfu` eager and compiled, in one process group (DeepSpeed keeps the
+    group it first saw for the life of the process)."""
+    from biflow.train.engine import single_process_group
+
+    dev = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with single_process_group(dev):
+        return {mode: measure_mfu(cfg, batch, compile_model=mode == "compiled", **kwargs)
+                for mode in ("eager", "compiled")}
+
+
+MFU_GOAL = 0.45  # issue 21: forward-flow B/2 training MFU on one H200, bf16, on the training path
+
+
+def mfu_section(mfu_flow: dict, mfu_batch: int, peak_tflops: float | None, steps: int = 20,
+                warmup: int = 5) -> dict:
+    """bf16 training MFU of ``mfu_flow`` (FlowConfig fields, or a ``size`` name) on CUDA, on
+    the path training takes (DeepSpeed ZeRO-2, bf16), eager and compiled; ``mfu`` is the better."""
     if not torch.cuda.is_available():
         return {"mfu": None, "reason": "no CUDA device: MFU is measured in bf16 on a GPU only (a CPU has no "
-                                       "comparable bf16 peak); the FLOP formula is documented in "
-                                       "flow_train_flops and unit-tested",
-                "formula": flow_train_flops(FlowConfig(), 1)["formula"], "goal": 0.45}
+                                       "comparable bf16 peak); the FLOP formula is checked against torch's "
+                                       "FLOP counter (counted_train_flops)",
+                "formula": flow_train_flops(FlowConfig(), 1)["formula"], "goal": MFU_GOAL}
     cfg = FlowConfig.from_size(mfu_flow["size"], **{k: v for k, v in mfu_flow.items() if k != "size"}) \
         if "size" in mfu_flow else FlowConfig(**mfu_flow)
     name = torch.cuda.get_device_name(0)
     peak = peak_tflops * 1e12 if peak_tflops else gpu_bf16_peak(name)
-    res = measure_mfu(cfg, mfu_batch, precision="bf16", peak_flops=peak, compile_model=True)
-    res.update(device_name=name, goal=0.45)
+    runs = mfu_runs(cfg, mfu_batch, steps=steps, warmup=warmup, precision="bf16", peak_flops=peak)
+    best = max(runs.values(), key=lambda r: r["samples_per_s"])
+    res = {**best, "runs": runs, "device_name": name, "goal": MFU_GOAL}
     if peak is None:
         res["reason"] = f"unknown bf16 peak for {name!r}: pass --peak-tflops"
     else:
-        res["meets_goal"] = res["mfu"] >= 0.45
+        res["meets_goal"] = res["mfu"] >= MFU_GOAL
     return res
-
