@@ -213,10 +213,15 @@ def bench_flow_ref_cmd(
     steps: int = typer.Option(500, help="Optimizer steps per model."),
     batch: int = typer.Option(32, help="Images per step."),
     seeds: int = typer.Option(1, help="Seeds per shape (the gap is averaged over them)."),
+    sampling: bool = typer.Option(False, "--sampling", help="Time the two exact samplers instead "
+                                                            "(flow-ref-sampling.json; no training)."),
 ) -> None:
     """Our forward flow as shipped against ml-tarflow's model: held-out NLL and step time at the same budget."""
-    from biflow.bench.flow_reference import bench_flow_reference
+    from biflow.bench.flow_reference import bench_flow_ref_sampling, bench_flow_reference
 
+    if sampling:
+        bench_flow_ref_sampling(reference, out, shapes=shape, log=lambda msg: print(msg, flush=True))
+        return
     bench_flow_reference(reference, out, shapes=shape, steps=steps, batch=batch, seeds=seeds,
                          log=lambda msg: print(msg, flush=True))
 

@@ -66,3 +66,21 @@ def test_flow_ref_tiny_run_against_the_reference(tmp_path, fashion_mnist_dir):
     assert r["max_mean_nll_gap_nats_per_dim"] == pytest.approx(s["mean_nll_gap_nats_per_dim"])
     assert run["ours"]["params"] > 0 and run["reference"]["params"] > 0
     assert (tmp_path / "flow-ref.png").stat().st_size > 0
+
+    # the exact samplers being timed are each their own flow's inverse, and the JSON is their ratio
+    from biflow.bench.flow_reference import bench_flow_ref_sampling
+    from biflow.sampling import sample_exact
+
+    z = torch.randn(2, 1, 28, 28)
+    for model in (ours, ref):
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(torch.randn_like(prm) * 0.02)
+    with torch.no_grad():
+        assert torch.allclose(ours(sample_exact(ours, None, z=z, tweedie=False)).z, z, atol=1e-4)
+        x_ref = ref.reverse(ref.patchify(z.clone()))
+        assert torch.allclose(ref.unpatchify(ref(x_ref)[0]), z, atol=1e-4)
+    s = bench_flow_ref_sampling(REFERENCE, tmp_path, shapes=["quickstart"], batches=(2,), reps=1, log=lambda m: None)
+    row = json.loads((tmp_path / "flow-ref-sampling.json").read_text())["shapes"]["quickstart"]["2"]
+    assert row["time_ratio"] == pytest.approx(row["ours_ms_per_image"] / row["reference_ms_per_image"])
+    assert s["max_time_ratio"] == pytest.approx(row["time_ratio"])

@@ -431,3 +431,20 @@ def test_z_skip_ridge_fit_recovers_a_linear_map(kind):
     torch.testing.assert_close(rev(z, y).x, target(z), atol=1e-2, rtol=0)  # G(z) = the (ridge-shrunk) map at step 0
     with pytest.raises(ValueError, match="z_skip is none"):
         ReverseModel(ReverseConfig(width=48, depth=4, num_heads=4), flow.config).fit_z_skip([])
+
+
+def test_bf16_autocast_residual_stream_is_bf16_and_states_fp32():
+    """Under autocast the transformer layers see a bf16 residual stream (the fp32 position and
+    condition tables must not promote it), while the flow's states and both outputs stay fp32."""
+    cfg = FlowConfig(**TINY)
+    flow, rev = TARFlow(cfg), ReverseModel(ReverseConfig(width=32, depth=4, num_heads=4), cfg)
+    seen = []
+    for layer in (flow.blocks[0].layers[0], flow.blocks[-1].layers[-1], rev.layers[0], rev.layers[-1]):
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 1, 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flow(x, y)
+        back = rev(out.z, y, guidance=torch.ones(3))
+    assert seen == [torch.bfloat16] * 4
+    assert {s.dtype for s in out.states} == {torch.float32} and out.z.dtype == out.logdet.dtype == torch.float32
+    assert back.x.dtype == torch.float32 and {s.dtype for s in back.states} == {torch.float32}

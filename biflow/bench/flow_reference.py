@@ -14,7 +14,8 @@ ours (width / num_heads) so that the two transformers have the same shape.
 Reported per shape and seed: held-out NLL in nats/dim (Gaussian constant included,
 the same noisy test images for both, raw weights) and the median step time, with
 the differences ours - reference and ours / reference. Writes ``flow-ref.json`` and
-``flow-ref.png``.
+``flow-ref.png``. ``--sampling`` times the two exact samplers instead
+(``flow-ref-sampling.json``): ours must be no slower than ml-tarflow's.
 """
 
 from __future__ import annotations
@@ -146,19 +147,73 @@ def train_pair(mod: ModuleType, cfg: FlowConfig, optim: OptimConfig, x_train: to
     return out
 
 
+def sampling_pair(mod: ModuleType, cfg: FlowConfig, batches: tuple[int, ...] = (1, 16), reps: int = 3,
+                  seed: int = 0) -> dict:
+    """The exact sampler of each flow at ``cfg``'s shape, same weights scale, same z: ours
+    (:func:`biflow.sampling.sample_exact`, KV cache, no Tweedie) against ml-tarflow's
+    ``Model.reverse`` (its own KV cache), median seconds per call over ``reps``."""
+    from biflow.models import TARFlow
+    from biflow.sampling import sample_exact
+    from biflow.timing import timeit
+
+    torch.manual_seed(seed)
+    ours = TARFlow(cfg).eval()
+    torch.manual_seed(seed)
+    ref = build_reference(mod, cfg).eval()
+    with torch.no_grad():  # non-trivial weights: zero-init output layers would make decoding look cheap
+        for model in (ours, ref):
+            for prm in model.parameters():
+                prm.add_(torch.randn_like(prm) * 0.02)
+    out = {}
+    for b in batches:
+        z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            t_ours = timeit(lambda: sample_exact(ours, None, z=z, tweedie=False, resample_tries=0), reps)
+            t_ref = timeit(lambda: ref.reverse(ref.patchify(z.clone())), reps)
+        out[str(b)] = {"ours_ms_per_image": 1e3 * t_ours / b, "reference_ms_per_image": 1e3 * t_ref / b,
+                       "time_ratio": t_ours / t_ref}
+    return out
+
+
+def bench_flow_ref_sampling(reference: str | Path, out_dir: str | Path, shapes: list[str] | None = None,
+                            batches: tuple[int, ...] = (1, 16), reps: int = 3,
+                            log: Callable[[str], None] = print) -> dict:
+    """:func:`sampling_pair` at every shape -> ``flow-ref-sampling.json`` (goal: ratio <= 1)."""
+    mod = load_reference(reference)
+    names = _shape_names(shapes)
+    results: dict = {"reference": str(Path(reference).expanduser().resolve()), "batches": list(batches),
+                     "reps": reps, "threads": torch.get_num_threads(), "shapes": {}}
+    for name in names:
+        cfg = flow_config(SHAPES[name], 0.1)
+        results["shapes"][name] = r = sampling_pair(mod, cfg, batches, reps)
+        log(f"{name}: exact sampler " + "; ".join(
+            f"batch {b}: ours {v['ours_ms_per_image']:.1f} vs ml-tarflow {v['reference_ms_per_image']:.1f} ms/img "
+            f"({v['time_ratio']:.3f}x)" for b, v in r.items()))
+    results["max_time_ratio"] = max(v["time_ratio"] for r in results["shapes"].values() for v in r.values())
+    path = write_results(out_dir, "flow-ref-sampling", results)
+    log(f"worst: ours at {results['max_time_ratio']:.3f}x ml-tarflow's sampler time -> {path}")
+    return results
+
+
+def _shape_names(shapes: list[str] | None) -> list[str]:
+    from biflow.errors import UserError
+
+    names = shapes or list(SHAPES)
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        raise UserError(f"unknown shape(s) {unknown}; allowed: {', '.join(SHAPES)}")
+    return names
+
+
 def bench_flow_reference(reference: str | Path, out_dir: str | Path, shapes: list[str] | None = None,
                          steps: int = 500, batch: int = 32, seeds: int = 1, train_images: int = 20_000,
                          test_images: int = 2000, job: str = "quickstart",
                          log: Callable[[str], None] = print) -> dict:
     """Every shape x seed, ours against the reference; JSON and PNG under ``out_dir``."""
     from biflow.bench.levers import fashion_mnist
-    from biflow.errors import UserError
 
     mod = load_reference(reference)
-    names = shapes or list(SHAPES)
-    unknown = [s for s in names if s not in SHAPES]
-    if unknown:
-        raise UserError(f"unknown shape(s) {unknown}; allowed: {', '.join(SHAPES)}")
+    names = _shape_names(shapes)
     job_cfg = load_config(JOBS / f"{job}-forward.yaml")
     optim = job_cfg.optim
     x_train, _ = fashion_mnist("train", train_images)

@@ -176,11 +176,12 @@ class ReverseModel(nn.Module):
     def forward(self, z: Tensor, y: Tensor | None = None, guidance: Tensor | float = 0.0) -> ReverseOutput:
         b = z.shape[0]
         z_tokens = patchify(z, self.flow_config.patch_size).to(self.proj_in.weight.dtype)
-        h = self.proj_in(z_tokens) + self.pos_embed
+        h = self.proj_in(z_tokens)
+        h = h + self.pos_embed.to(h.dtype)  # bf16 residual stream under autocast (see TARFlow.embed)
         c = self.condition(y, guidance, b, z.device).to(h.dtype)
         n_cond = 0
         if self.config.conditioning == "tokens":
-            h = torch.cat([torch.stack([c, c], 1) + self.cond_pos, h], dim=1)
+            h = torch.cat([torch.stack([c, c], 1) + self.cond_pos.to(h.dtype), h], dim=1)
             n_cond = 2
         num_blocks = len(self.heads)
         states: list[Tensor] = [z] * num_blocks

@@ -73,8 +73,10 @@ class FlowBlock(nn.Module):
 
     def embed(self, tokens: Tensor, cond: Tensor | None, start: int = 0) -> Tensor:
         h = self.proj_in(tokens.to(self.proj_in.weight.dtype))
-        h = h + self.pos_embed[:, start : start + tokens.shape[1]]
-        return h if cond is None else h + cond
+        # the tables in h's dtype: under bf16 autocast the residual stream stays bf16 (an fp32
+        # add would promote every layer's input); the affine math and the states stay fp32
+        h = h + self.pos_embed[:, start : start + tokens.shape[1]].to(h.dtype)
+        return h if cond is None else h + cond.to(h.dtype)
 
     def affine_params(self, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Hidden states -> (mu, alpha), each bounded by the norm-control soft clip
