@@ -247,6 +247,17 @@ class Engine:
         self.micro_step = 0
         self.overflow_steps = 0  # updates skipped because gradients were not finite
         self.last_grad_norm: float | torch.Tensor = float("nan")  # DDP: a 0-dim tensor (no host sync)
+        self.compile_pending = False  # the module was compiled and has not run yet
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, the step's forward; the first one of a compiled module falls back to eager
+        mode if compiling fails (:func:`first_call`)."""
+        if not self.compile_pending:
+            return fn()
+        self.compile_pending = False
+        out: list[Any] = []
+        first_call(self.module, lambda: out.append(fn()))
+        return out[-1]
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -500,8 +511,13 @@ def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device 
     budget's :class:`~biflow.train.loop.StageClock`): see :func:`warmup_cosine`."""
     device = device or resolve_device()
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.compile:
+        compile_module(module)  # in place, before any wrapper: the engines keep the same module
     if cfg.train.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-        return DeepSpeedEngine(module, cfg, device, precision, clock)
-    return DDPEngine(module, cfg, device, precision, clock)
+        engine: Engine = DeepSpeedEngine(module, cfg, device, precision, clock)
+    else:
+        engine = DDPEngine(module, cfg, device, precision, clock)
+    engine.compile_pending = cfg.train.compile
+    return engine
 

@@ -460,7 +460,8 @@ def train_loop(config: dict[str, Any]) -> None:
     say(f"{run.name}: {nparams / 1e6:.2f}M params, {world_size()} workers, engine {cfg.train.engine}"
         f"{' ZeRO-' + str(cfg.train.zero_stage) if cfg.train.engine == 'deepspeed' else ''}, {engine.precision}, "
         f"device {device.type}" + (f" ({torch.get_num_threads()} torch threads)" if device.type == "cpu" else "")
-        + f", batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}")
+        + f", batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{world_size()}"
+        + (", torch.compile" if cfg.train.compile else ""))
 
     if cfg.train.time_budget_s > 0:
         say(f"time budget {cfg.train.time_budget_s:g} s of training ({state.train_seconds:.0f} s spent): "
@@ -509,8 +510,8 @@ def train_loop(config: dict[str, Any]) -> None:
             y = y.to(device, non_blocking=True) if cfg.flow.num_classes > 0 else None
             t_phase = time.perf_counter()
             with engine.accumulate(), engine.autocast():
-                loss, metrics = stage.loss(engine.model, x, y, generator, step=state.step,
-                                           progress=clock.progress(state.step, total))
+                loss, metrics = engine.call(lambda: stage.loss(engine.model, x, y, generator, step=state.step,
+                                                               progress=clock.progress(state.step, total)))
             t_phase = phases.lap("loss", t_phase)
             loss = callbacks.corrupt_loss(state.step + 1, loss)
             finite = torch.isfinite(loss.detach())
