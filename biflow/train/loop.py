@@ -143,6 +143,8 @@ class ReverseStage(ForwardStage):
             from biflow.perceptual import build_feature_net
 
             net = build_feature_net(cfg.reverse.perceptual)
+            if net is not None and device.type == "cuda":
+                net = net.to(memory_format=torch.channels_last)  # bf16 convolutions' layout (perceptual_distance)
             self.feature_net = net.to(device).eval().requires_grad_(False) if net is not None else None
 
     def build(self) -> nn.Module:
