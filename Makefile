@@ -103,7 +103,8 @@ device-check:
 # lock's versions: what the check's steps need beyond that machine's image (deepspeed, built
 # here as a pure-Python wheel, and the dependencies the image lacks). Ray's wheel (~78 MB) is
 # over the device tool's 64 MiB carry, so there train_smoke is skipped and recorded.
-# Then: make device-check DEVICE_ARGS="--wheels .whl" (carry .whl).
+# Then, in one call there (carry .whl; only $OUT comes back):
+#   make device-check DEVICE_ARGS="--wheels .whl --out $OUT"
 DEVICE_WHEELS ?= hjson pydantic pydantic-core annotated-types typing-inspection
 DEVICE_PY_VERSION ?= 3.12
 device-wheels:

@@ -8,6 +8,7 @@ same functions serve the CLI, the tests and Ray job entrypoints. Heavy imports
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -119,6 +120,7 @@ def evaluate(
     data_uri: str = typer.Option("", help="Override the run's data.uri for reference images."),
     reference_uri: str = typer.Option("", help="Latent runs: real image shards for FID (default: the latents' source)."),
     eval_split: str = typer.Option("", help="Held-out split (default: the run's data.eval_split)."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
 ) -> None:
     """FID and KID of BiFlow 1-NFE and the exact inverse (with the real-vs-real floor), bpd,
     denoising and inversion PSNR, ms/img, grids.
@@ -129,7 +131,8 @@ def evaluate(
     opts = EvalOptions(num_samples=num_samples, num_reference=num_reference, guidance=list(guidance or [0.0]),
                        batch_size=batch_size, num_eval_images=num_eval_images, workers=workers, data_uri=data_uri,
                        reference_uri=reference_uri, eval_split=eval_split, exact_annealed=exact_annealed)
-    run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint)
+    run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint, device=device,
+                 progress=sys.stderr.isatty())
 
 
 @app.command()
@@ -144,12 +147,13 @@ def sample(
     storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
     endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
     seed: int = typer.Option(0, help="Seed of the noise and the labels."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
 ) -> None:
     """Draw samples from a trained run; latent runs are decoded through their autoencoder."""
     from biflow.evaluate import sample_images
 
     sample_images(checkpoint, out, num=num, guidance=guidance, sampler=sampler, forward=forward, storage=storage,
-                  endpoint=endpoint, seed=seed, log=typer.echo)
+                  endpoint=endpoint, seed=seed, log=typer.echo, device=device, progress=sys.stderr.isatty())
 
 
 @bench_app.command("sampling")

@@ -296,6 +296,9 @@ class TrainConfig:
     # ends at `steps` or when the budget is spent, whichever comes first, with a final checkpoint,
     # and the LR cosine follows whichever of the two is further along
     time_budget_s: float = 0.0
+    # torch.compile the model (opt-in; GPUs). A compile failure at the first step falls back to
+    # eager mode, and the log says so
+    compile: bool = False
 
     def validate(self, path: str = "train") -> None:
         _positive(self, path, "steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps")

@@ -56,8 +56,25 @@ def class_grid(n: int, num_classes: int) -> tuple[int, int]:
     return n, max(1, int(math.sqrt(n)))
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N``."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: allowed values: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: allowed values: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use auto or cpu")
+    return dev
+
+
 def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, seed: int,
-             device: str | torch.device = "cpu", codec=None, annealed: bool = False) -> torch.Tensor:
+             device: str | torch.device = "cpu", codec=None, annealed: bool = False,
+             progress: bool = False) -> torch.Tensor:
     """n samples from ``sampler`` ('biflow' or 'exact'), deterministic in seed: images in
     [-1, 1], latents decoded through ``codec`` (a :class:`~biflow.data.latents.LatentCodec`)
     when given, else the model's own space (latents stay unclamped). ``annealed``: the
@@ -66,10 +83,15 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
 
     cfg = flow.config
     out = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"{sampler} samples", unit="img")
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        g = torch.Generator(device).manual_seed(seed + start)
-        z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=g, device=device)
+        g = torch.Generator().manual_seed(seed + start)  # on the CPU: the same samples on any device
+        z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device)
         y = _labels(b, cfg.num_classes, seed + start)
         y = None if y is None else y.to(device)
         if sampler in ("biflow", "biflow-cfg2"):
@@ -87,6 +109,10 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
         elif cfg.channels in (1, 3):
             x = x.clamp(-1, 1)
         out.append(x.float().cpu())
+        if bar is not None:
+            bar.update(b)
+    if bar is not None:
+        bar.close()
     return torch.cat(out)
 
 
@@ -137,7 +163,7 @@ def sample_features(checkpoint: str, forward: str, storage: str, endpoint: str, 
     return np.concatenate(ray.get(refs))
 
 
-def latent_codec(data_cfg, manifest=None):
+def latent_codec(data_cfg, manifest=None, device: str | torch.device = "cpu"):
     """The frozen autoencoder of a latent data set, or None for pixel data."""
     from biflow.data.shards import read_manifest
 
@@ -146,7 +172,7 @@ def latent_codec(data_cfg, manifest=None):
         return None
     from biflow.data.latents import LatentCodec
 
-    return LatentCodec.from_manifest(manifest, data_cfg.autoencoder)
+    return LatentCodec.from_manifest(manifest, data_cfg.autoencoder, device)
 
 
 def reference_data(data_cfg, manifest, reference_uri: str = ""):
@@ -165,20 +191,23 @@ def reference_data(data_cfg, manifest, reference_uri: str = ""):
 
 def sample_images(checkpoint: str, out_dir: str | Path, num: int = 64, guidance: float = 0.0,
                   sampler: str = "biflow", forward: str = "", storage: str = "", endpoint: str = "",
-                  batch_size: int = 64, seed: int = 0, log: Log = print) -> dict[str, Any]:
+                  batch_size: int = 64, seed: int = 0, log: Log = print, device: str = "auto",
+                  progress: bool = False) -> dict[str, Any]:
     """``biflow sample``: images from a trained run (latents decoded), as a PNG grid and
-    an .npz of uint8 images with their labels."""
+    an .npz of uint8 images with their labels, generated on ``device`` (:func:`resolve_device`)."""
     from biflow.metrics import save_grid
 
     if sampler not in ("biflow", "exact"):
         raise UserError(f"--sampler {sampler!r}: allowed values: biflow, exact")
-    flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint)
+    dev = resolve_device(device)
+    flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
     if sampler == "biflow" and rev_l is None:
         raise UserError(f"{checkpoint!r} is a forward (stage-1) run: use --sampler exact, or give a reverse run")
     cfg = (rev_l or flow_l).config
-    codec = latent_codec(cfg.data)
+    codec = latent_codec(cfg.data, device=dev)
     t0 = time.perf_counter()
-    x = generate(flow_l.model, rev_l.model if rev_l else None, sampler, num, guidance, batch_size, seed, "cpu", codec)
+    x = generate(flow_l.model, rev_l.model if rev_l else None, sampler, num, guidance, batch_size, seed, dev, codec,
+                 progress=progress)
     seconds = time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +216,7 @@ def sample_images(checkpoint: str, out_dir: str | Path, num: int = 64, guidance:
     images = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
     npz = out / f"samples-{sampler}-w{guidance:g}.npz"
     np.savez_compressed(npz, images=images, labels=labels.numpy() if labels is not None else np.zeros(0))
-    log(f"{num} {sampler} samples (w={guidance:g}, {'decoded latents' if codec else 'pixels'}) in {seconds:.1f}s "
+    log(f"{num} {sampler} samples (w={guidance:g}, {'decoded latents' if codec else 'pixels'}) on {dev} in {seconds:.1f}s "
         f"-> {grid}, {npz}")
     return {"grid": str(grid), "npz": str(npz), "num": num, "seconds": seconds, "shape": list(x.shape[1:])}
 
@@ -217,10 +246,13 @@ class EvalOptions:
 
 
 def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = None, forward: str = "",
-             storage: str = "", endpoint: str = "", log: Log = print) -> dict[str, Any]:
+             storage: str = "", endpoint: str = "", log: Log = print, device: str = "auto",
+             progress: bool = False) -> dict[str, Any]:
     """Latent runs are evaluated in pixel space: samples and reconstructions are decoded
     through the frozen autoencoder, FID is against the real images the latents were made
-    from, PSNR compares decoded images; bits/dim stays in latent space."""
+    from, PSNR compares decoded images; bits/dim stays in latent space. Models, sampling and
+    Inception features run on ``device`` (:func:`resolve_device`; the same noise is drawn on
+    the CPU whatever the device); ``progress`` shows bars over generation and features."""
     import dataclasses
 
     from biflow.data.pipeline import iter_split
@@ -234,7 +266,8 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint)
+    dev = resolve_device(device)
+    flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
     flow, rev = flow_l.model, rev_l.model if rev_l else None
     cfg = (rev_l or flow_l).config
     fcfg = flow.config
@@ -244,7 +277,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     if opts.eval_split:
         data_cfg = dataclasses.replace(data_cfg, eval_split=opts.eval_split)
     manifest = read_manifest(data_cfg.uri, data_cfg.endpoint, data_cfg.region)
-    codec = latent_codec(data_cfg, manifest)
+    codec = latent_codec(data_cfg, manifest, device=dev)
     ref_cfg = reference_data(data_cfg, manifest, opts.reference_uri)
     log(f"evaluating {flow_l.uri} (step {flow_l.step})" + (f" + {rev_l.uri} (step {rev_l.step})" if rev_l else "")
         + (f"; latents decoded by {manifest.data.get('autoencoder') if not data_cfg.autoencoder else data_cfg.autoencoder},"
@@ -267,13 +300,13 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     bin_width = 2.0 / 256  # the grid bits_per_dim re-expresses densities on
     with torch.no_grad():
         for i in range(0, len(held_x), opts.batch_size):
-            x = held_x[i:i + opts.batch_size]
-            y = None if y_all is None else y_all[i:i + opts.batch_size]
-            x_noisy = x + fcfg.noise_std * torch.randn(x.shape, generator=g)
+            x = held_x[i:i + opts.batch_size].to(dev)
+            y = None if y_all is None else y_all[i:i + opts.batch_size].to(dev)
+            x_noisy = x + fcfg.noise_std * torch.randn(x.shape, generator=g).to(dev)
             traj = flow(x_noisy, y)
             nll.append(nll_per_dim(traj))
             if codec is None:  # uniform dequantisation, as likelihood papers report
-                nll_deq.append(nll_per_dim(flow(x + bin_width * torch.rand(x.shape, generator=g), y)))
+                nll_deq.append(nll_per_dim(flow(x + bin_width * torch.rand(x.shape, generator=g).to(dev), y)))
             if rev is not None:
                 out_rev = rev(traj.z, y)
                 if rev.config.denoise == "tweedie":
@@ -319,7 +352,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
            if rev else ""))
 
     # FID/KID reference: real pixel images of the eval split (latent runs: at the decoded size), cached
-    side = codec.decode(held_x[:1]).shape[-1] if codec is not None else fcfg.image_size
+    side = codec.decode(held_x[:1].to(dev)).shape[-1] if codec is not None else fcfg.image_size
     pix = dict(image_size=side, channels=3) if codec is not None else {}
     ref_x, _ = held_out(ref_cfg, opts.num_reference, **pix)
     if opts.num_reference and len(ref_x) < opts.num_reference:
@@ -367,11 +400,11 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
             if opts.workers > 0:
                 feats = sample_features(checkpoint, forward, storage, endpoint, sampler, opts.num_samples, w,
                                         opts.batch_size, opts.workers, log, latent_data, annealed)
-                grid = generate(flow, rev, sampler, grid_n, w, grid_n, 0, codec=codec, annealed=annealed)
+                grid = generate(flow, rev, sampler, grid_n, w, grid_n, 0, dev, codec=codec, annealed=annealed)
             else:
-                xs = generate(flow, rev, sampler, opts.num_samples, w, opts.batch_size, 0, codec=codec,
-                              annealed=annealed)
-                feats = inception_features(xs, batch_size=opts.batch_size)
+                xs = generate(flow, rev, sampler, opts.num_samples, w, opts.batch_size, 0, dev, codec=codec,
+                              annealed=annealed, progress=progress)
+                feats = inception_features(xs, batch_size=opts.batch_size, device=dev, progress=progress)
                 grid = xs[:grid_n]
             entry = {"sampler": sampler, "guidance": w, **scores(feats)}
             grid_path = save_grid(grid, out / f"samples-{sampler}-w{w:g}.png", nrow=grid_cols)

@@ -51,20 +51,22 @@ def drop_labels(y: Tensor | None, p: float, num_classes: int, generator: torch.G
 
 
 def forward_loss(flow, x: Tensor, y: Tensor | None, cfg: FlowConfig,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Stage-1 objective: NLL per dim of x + sigma * eps, with label drop."""
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage-1 objective: NLL per dim of x + sigma * eps, with label drop. The metrics are
+    detached 0-dim tensors (read them with ``float``: each read is a host sync)."""
     x_noisy = x + cfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     y_in = drop_labels(y, cfg.label_drop, cfg.num_classes, generator)
     out = flow(x_noisy, y_in)
     nll = nll_per_dim(out)
     loss = nll.mean()
-    with torch.no_grad():
+    with torch.no_grad():  # 0-dim tensors: no host sync here (the loop reads them on log steps)
+        nll_mean = loss.detach()
         metrics = {
-            "loss": loss.item(),
-            "nll": loss.item(),
-            "bpd": float(bits_per_dim(loss.item())),
-            "logdet_per_dim": (out.logdet.mean() / x[0].numel()).item(),
-            "z_rms": out.z.float().pow(2).mean().sqrt().item(),
+            "loss": nll_mean,
+            "nll": nll_mean,
+            "bpd": bits_per_dim(nll_mean),
+            "logdet_per_dim": out.logdet.detach().mean() / x[0].numel(),
+            "z_rms": out.z.detach().float().pow(2).mean().sqrt(),
         }
     return loss, metrics
 
@@ -120,14 +122,26 @@ def sample_guidance(y: Tensor | None, w_max: float, num_classes: int, batch: int
                     generator: torch.Generator | None = None, p_zero: float = 0.0, shape: float = 1.0) -> Tensor:
     """Training guidance per row: 0 for null-class (unconditional) rows; for conditional rows
     0 with probability ``p_zero``, else ``w_max * u ** shape`` with u ~ U[0, 1] (shape 1 is
-    uniform on [0, w_max]; shape > 1 puts more mass near 0)."""
-    if w_max <= 0 or y is None:
+    uniform on [0, w_max]; shape > 1 puts more mass near 0).
+
+    The rows that may be guided are the first :func:`guided_rows` of the batch (rows come in
+    random order, so this is a random subset of size round(batch * (1 - p_zero))): the
+    unconditional stream then runs on a slice whose size the host knows, with no
+    variable-size ``nonzero`` (a host sync) per step."""
+    k = guided_rows(batch, w_max, p_zero, y)
+    if k == 0:
         return torch.zeros(batch, device=device)
     u = torch.rand(batch, device=device, generator=generator)
     w = w_max * u.pow(shape)
-    if p_zero > 0:
-        w = torch.where(torch.rand(batch, device=device, generator=generator) < p_zero, torch.zeros_like(w), w)
+    w[k:] = 0.0
     return torch.where(y == num_classes, torch.zeros_like(w), w)
+
+
+def guided_rows(batch: int, w_max: float, p_zero: float, y: Tensor | None) -> int:
+    """How many leading rows of a batch :func:`sample_guidance` may guide."""
+    if w_max <= 0 or y is None:
+        return 0
+    return min(batch, round(batch * (1.0 - p_zero)))
 
 
 @dataclass
@@ -162,7 +176,7 @@ def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fc
                  generator: torch.Generator | None = None,
                  decode: Callable[..., Tensor] | None = None,
                  step: int | None = None,
-                 progress: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                 progress: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Stage-2 objective for the reverse model G given a frozen forward flow F.
 
     Pairs are made on the fly (:func:`make_pairs`): x_noisy = x + sigma * eps, and F's
@@ -179,7 +193,7 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
                       generator: torch.Generator | None = None,
                       decode: Callable[..., Tensor] | None = None,
                       step: int | None = None,
-                      progress: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                      progress: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The stage-2 loss of G on a batch of pairs (made on the fly, or cached by the bench).
 
     ``decode`` (latent data: :meth:`biflow.data.latents.LatentCodec.decode`) maps
@@ -204,14 +218,14 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
     out = rev(z, y_in, guidance=w)
     preds, x_hat = out.states, out.x
 
-    rows = (w > 0).nonzero().flatten() if y_in is not None else w.new_zeros(0, dtype=torch.long)
-    if rows.numel():
-        null = torch.full_like(y_in[rows], fcfg.num_classes)
+    k = guided_rows(b, w_max, rcfg.guidance_p_zero, y_in)  # rows k.. have w = 0: CFG leaves them as they are
+    if k:
+        null = torch.full_like(y_in[:k], fcfg.num_classes)
         with torch.set_grad_enabled(rcfg.guidance_grad_uncond and torch.is_grad_enabled()):
-            unc = rev(z[rows], null, guidance=torch.zeros_like(w[rows]))
+            unc = rev(z[:k], null, guidance=torch.zeros_like(w[:k]))
 
-        def combine(full: Tensor, part: Tensor) -> Tensor:  # CFG on the guided rows, the rest unchanged
-            return full.index_copy(0, rows, cfg_combine(full[rows], part, w[rows]))
+        def combine(full: Tensor, part: Tensor) -> Tensor:  # CFG on the first k rows (w = 0: unchanged)
+            return torch.cat([cfg_combine(full[:k], part, w[:k]), full[k:]])
 
         if rcfg.guidance_mix == "all":
             preds = [combine(p, u) for p, u in zip(preds, unc.states)]
@@ -240,16 +254,16 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
     loss = total.mean()
     from biflow.metrics import psnr
 
-    with torch.no_grad():
+    with torch.no_grad():  # 0-dim tensors: no host sync here (the loop reads them on log steps)
         metrics = {
-            "loss": loss.item(),
-            "align": torch.stack(align_terms).mean().item(),
-            "align_first": align_terms[-1].mean().item(),  # the deepest state x^(B-1)
-            "align_last": align_terms[0].mean().item(),  # x^0, the noisy image
-            "denoise_mse": mse.mean().item(),
-            "psnr": psnr(x_hat, target).item(),
-            "guided_rows": float(rows.numel()) / b,
+            "loss": loss.detach(),
+            "align": torch.stack(align_terms).mean(),
+            "align_first": align_terms[-1].mean(),  # the deepest state x^(B-1)
+            "align_last": align_terms[0].mean(),  # x^0, the noisy image
+            "denoise_mse": mse.detach().mean(),
+            "psnr": psnr(x_hat.detach(), target),
+            "guided_rows": (w > 0).float().mean(),
         }
         if perc is not None:
-            metrics["perceptual"] = perc.mean().item()
+            metrics["perceptual"] = perc.detach().mean()
     return loss, metrics

@@ -532,9 +532,12 @@ def perceptual_distance(net: FeatureNet, x_hat: torch.Tensor, x: torch.Tensor, c
     else:
         x_hat, x = paired_random_crop(x_hat, x.detach(), crop, generator)
     dtype = net.dtype
-    feats_hat = net.features(prepare_images(x_hat.to(dtype), size))
-    with torch.no_grad():
-        feats = net.features(prepare_images(x.to(dtype), size))
+    gpu = x.is_cuda  # bf16 autocast and channels_last on a GPU (whatever engine runs the step)
+    fmt = torch.channels_last if gpu else torch.contiguous_format
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        feats_hat = net.features(prepare_images(x_hat.to(dtype), size).contiguous(memory_format=fmt))
+        with torch.no_grad():
+            feats = net.features(prepare_images(x.to(dtype), size).contiguous(memory_format=fmt))
     total = x_hat.new_zeros(x_hat.shape[0], dtype=torch.float32)
     for fh, f in zip(feats_hat, feats):
         total = total + (_unit(fh.float()) - _unit(f.float())).pow(2).sum(dim=1).mean(dim=(1, 2))

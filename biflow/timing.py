@@ -74,3 +74,34 @@ def write_results(out_dir: str | Path, name: str, results: dict) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine_info(),
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}, indent=2))
     return path
+
+
+class HostSyncCounter:
+    """Counts the reads that make the host wait for the device (``.item()``, ``bool``/``float``/
+    ``int`` of a tensor, ``.tolist()``, ``nonzero``, ``.cpu()``/``.numpy()``) while active, by
+    name: the training step's budget is one per non-logging step. Works on any device (on a CPU
+    the reads cost nothing, but they are the same calls a GPU would wait on)."""
+
+    OPS = frozenset({"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nonzero", "cpu", "numpy"})
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in counter.OPS:
+                    counter.calls.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.calls: list[str] = []
+        self._mode = _Mode()
+
+    def __enter__(self) -> "HostSyncCounter":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

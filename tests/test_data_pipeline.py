@@ -148,3 +148,20 @@ def test_latent_shards_tiny_autoencoder(fmnist_s3, tmp_path, s3_server):
     assert images.shape == (2, 3, 28, 28) and images.abs().max() <= 1
     again = prepare_latents(cfg.uri, uri, str(tmp_path / "vae"), endpoint=cfg.endpoint, limit=96, progress=False)
     assert again.data == m.data  # rerun: no-op
+
+
+def test_uint8_batches_convert_on_the_device_to_the_same_values():
+    """Training on a GPU keeps images uint8 (optionally pinned) to the device and converts there:
+    the values equal the CPU collate's, in the engine's input dtype."""
+    from biflow.data.pipeline import to_device
+
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8), "y": np.arange(4)}
+    x_cpu, y_cpu = to_model_batch(batch)
+    x_u8, y_u8 = to_model_batch(batch, keep_uint8=True)
+    assert x_u8.dtype == torch.uint8 and torch.equal(y_u8, y_cpu)
+    assert torch.equal(to_device(x_u8, "cpu", torch.float32), x_cpu)
+    assert to_device(x_u8, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(to_device(x_cpu, "cpu", torch.float32), x_cpu)  # latents / floats just move
+    latents = {"x": rng.standard_normal((2, 4, 4, 4)).astype(np.float32), "y": np.arange(2)}
+    assert to_model_batch(latents, keep_uint8=True)[0].dtype == torch.float32

@@ -74,3 +74,21 @@ def test_evaluate_missing_checkpoint_is_clear(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "nope", "--storage", str(tmp_path)])
     assert result.exit_code == 2
     assert "CHECKPOINT='nope': no checkpoint found" in result.output
+
+
+def test_device_option_resolves_and_rejects_clearly():
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+    from biflow.errors import UserError
+    from biflow.evaluate import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device 'tpu': allowed values: auto, cpu, cuda, cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: no CUDA device here"):
+            resolve_device("cuda")
+    res = CliRunner().invoke(app, ["sample", "nosuchrun", "--device", "gpu0"])  # checked before any loading
+    assert res.exit_code != 0 and "--device 'gpu0': allowed values" in res.output

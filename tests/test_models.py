@@ -273,12 +273,13 @@ def test_forward_norm_control_bounds_mu_and_alpha():
 def test_guidance_distribution_mass_at_zero_shape_and_warm_start():
     from biflow.losses import guidance_ceiling, sample_guidance
 
-    y = torch.zeros(20000, dtype=torch.long)
-    y[:2000] = 5  # null-class rows
     g = torch.Generator().manual_seed(0)
+    y = torch.zeros(20000, dtype=torch.long)
+    null = torch.randperm(20000, generator=g)[:2000]
+    y[null] = 5  # null-class rows, at random places as label dropping puts them
     w = sample_guidance(y, 2.0, 5, len(y), torch.device("cpu"), g, p_zero=0.5, shape=2.0)
-    assert (w[:2000] == 0).all()
-    cond = w[2000:]
+    assert (w[null] == 0).all()
+    cond = w[y != 5]
     assert (cond == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     # w = 2 u^2 on the rest: mean 2/3
     assert cond[cond > 0].mean().item() == pytest.approx(2 / 3, abs=0.03) and cond.max() <= 2.0
@@ -287,13 +288,15 @@ def test_guidance_distribution_mass_at_zero_shape_and_warm_start():
 
 
 def test_unconditional_pass_runs_only_on_guided_rows():
+    """... on the leading slice of rows that may be guided (round(16 * (1 - 0.75)) = 4 rows; a
+    slice the host knows the size of, so no host sync)."""
     flow, rev, rcfg = tiny_pair(guidance_max=2.0, guidance_p_zero=0.75)
     x, y = data(16)
     rows = []
     rev.register_forward_hook(lambda m, args, kw, out: rows.append(args[0].shape[0]), with_kwargs=True)
     _, metrics = reverse_loss(rev, flow, x, y, rcfg, flow.config, generator=torch.Generator().manual_seed(0))
-    assert rows[0] == 16 and len(rows) == 2 and 0 < rows[1] < 16
-    assert metrics["guided_rows"] == pytest.approx(rows[1] / 16)
+    assert rows[0] == 16 and len(rows) == 2 and rows[1] == 4
+    assert 0 < metrics["guided_rows"] <= rows[1] / 16  # the label-dropped ones among them are not guided
     rcfg.guidance_warmup_steps = 10  # at step 0 of the warm start nothing is guided
     rows.clear()
     reverse_loss(rev, flow, x, y, rcfg, flow.config, step=0)

@@ -270,3 +270,23 @@ def test_prepare_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert cfg.data.uri == str(tmp_path / "data" / "shards")
     cfg, _ = prepare(smoke(overrides=["ray.storage=s3://bucket/runs"]), storage=str(tmp_path / "abs"))
     assert cfg.ray.storage == str(tmp_path / "abs")
+
+
+def test_train_compile_is_opt_in_and_falls_back_to_eager_at_the_first_step(capsys):
+    from biflow.train.engine import build_engine
+
+    plain = build_engine(torch.nn.Linear(2, 2), smoke(overrides=["train.engine=ddp"]), torch.device("cpu"))
+    assert plain.module._compiled_call_impl is None and not plain.compile_pending
+    eng = build_engine(torch.nn.Linear(2, 2), smoke(overrides=["train.engine=ddp", "train.compile=true"]),
+                       torch.device("cpu"))
+    assert eng.module._compiled_call_impl is not None and eng.compile_pending
+
+    def forward():  # as a compiler failure would: only the compiled call raises
+        if eng.module._compiled_call_impl is not None:
+            raise RuntimeError("inductor: no C++ compiler")
+        return 7
+
+    assert eng.call(forward) == 7 and eng.module._compiled_call_impl is None and not eng.compile_pending
+    assert "torch.compile failed at the first step (RuntimeError: inductor: no C++ compiler); running eager" \
+        in capsys.readouterr().out
+    assert eng.call(lambda: 8) == 8

@@ -148,7 +148,7 @@ def step_breakdown(exp: dict, global_batch: int, x_all, y_all, steps: int, threa
             t = [time.perf_counter()]
             x, y = _plain_batch(stage, x_all, y_all, global_batch, gen)
             t.append(time.perf_counter())
-            loss, _ = stage.loss(model, x, y, generator=gen, step=i, progress=i / (steps + 2))  # metrics: .item()
+            loss, _ = stage.loss(model, x, y, generator=gen, step=i, progress=i / (steps + 2))
             t.append(time.perf_counter())
             bool(torch.isfinite(loss).item())
             t.append(time.perf_counter())

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from biflow.bench.flops import MFU_GOAL  # torch and biflow.config only: importable on a bare machine
 from biflow.errors import UserError
 from biflow.timing import machine_info
 
@@ -60,9 +61,10 @@ B2_FLOW = {"size": "B/2", "image_size": 32, "channels": 4, "num_classes": 1000}
 
 # One threshold per goal (issue 21), checked on the GPU figures.
 GOALS: dict[str, dict[str, Any]] = {
-    "forward_mfu": {"min": 0.45, "what": "B/2 forward-flow training MFU, DeepSpeed ZeRO-2 bf16 (better of "
+    "forward_mfu": {"min": MFU_GOAL, "what": "B/2 forward-flow training MFU, DeepSpeed ZeRO-2 bf16 (better of "
                                          "eager / compiled)"},
-    "biflow_ms_per_image_b256": {"max": 0.5, "what": "BiFlow-B/2 1-NFE ms per image at batch 256"},
+    "biflow_ms_per_image_b256": {"max": 0.5, "what": "BiFlow-B/2 1-NFE ms per image at batch 256 (better of "
+                                                     "eager / compiled with CUDA graphs)"},
     "speedup_vs_exact_cfg_b1": {"min": 224.0, "what": "BiFlow 1-NFE vs exact inverse + CFG + Tweedie, "
                                                       "latency at batch 1"},
     "flops_rel_error": {"max": 0.01, "what": "|formula / torch FLOP counter - 1|, worst of B/2 and XL/2"},
@@ -197,18 +199,23 @@ def _sampling(ctx: Context) -> dict[str, Any]:
     from biflow.bench.sampling import bench_sampling
 
     preset, batches = ("tiny", (1, 4)) if ctx.cpu else ("b2-latent", (1, 16, 256))
+    # compiled single pass: inductor + CUDA graphs on a GPU; traced with aot_eager in the dry mode
     res = bench_sampling(ctx.work / "bench", preset=preset, batch_sizes=batches, reps=1 if ctx.cpu else 5,
-                         log=ctx.log)
+                         log=ctx.log, compile_backend="aot_eager" if ctx.cpu else "auto")
     rows = {}
     for row in res["rows"]:
         ms = row["ms_per_image"]
+        best = min(ms["biflow_1nfe"], ms.get("biflow_1nfe_compiled", float("inf")))
         rows[str(row["batch"])] = {
             "latency_ms": {k: v * row["batch"] for k, v in ms.items() if not k.startswith("decode")},
-            "images_per_s": {k: 1000.0 / v for k, v in ms.items() if not k.startswith("decode")},
+            "images_per_s": row["images_per_s"],
             "ms_per_image": ms,
-            "speedup_vs_exact_cfg_tweedie": row["speedup_biflow_vs_exact_cfg_tweedie"],
+            "biflow_best_ms_per_image": best,
+            "speedup_vs_exact_cfg_tweedie": row["speedup_best_biflow_vs_exact_cfg_tweedie"],
+            "speedup_eager_vs_exact_cfg_tweedie": row["speedup_biflow_vs_exact_cfg_tweedie"],
             "speedup_kv_cache_vs_naive": row["speedup_kv_cache_vs_naive"]}
-    return {"ok": True, "preset": preset, "dtype": res["dtype"], "flow_params": res["flow"]["params"],
+    return {"ok": True, "preset": preset, "dtype": res["dtype"], "compile_backend": res["compile_backend"],
+            "compile_error": res["compile_error"], "flow_params": res["flow"]["params"],
             "reverse_params": res["reverse"]["params"], "batches": rows}
 
 
@@ -309,7 +316,7 @@ def goal_values(steps: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         falls = float(all(smoke[s]["loss_falls"] for s in ("forward", "reverse")))
     batches = get("sampling", "batches") or {}
     return {"forward_mfu": get("forward_mfu", "mfu"),
-            "biflow_ms_per_image_b256": (batches.get("256") or {}).get("ms_per_image", {}).get("biflow_1nfe"),
+            "biflow_ms_per_image_b256": (batches.get("256") or {}).get("biflow_best_ms_per_image"),
             "speedup_vs_exact_cfg_b1": (batches.get("1") or {}).get("speedup_vs_exact_cfg_tweedie"),
             "flops_rel_error": get("flops", "worst_rel_error"),
             "smoke_loss_falls": falls}

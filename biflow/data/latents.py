@@ -288,7 +288,11 @@ class LatentCodec:
                                  data_cfg.autoencoder, device)
 
     def to(self, device: Any) -> "LatentCodec":
+        import torch
+
         self.vae.to(device)
+        if torch.device(device).type == "cuda":  # channels_last: the layout cuDNN's bf16 convolutions want
+            self.vae.to(memory_format=torch.channels_last)
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
@@ -301,9 +305,12 @@ class LatentCodec:
         import torch
 
         dtype = next(self.vae.parameters()).dtype
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        gpu = self.mean.device.type == "cuda"  # bf16 autocast on a GPU: the decoder is conv-heavy
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
+                torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
             raw = z.to(self.mean.device, torch.float32) * self.std + self.mean
-            x = self.vae.decode(raw.to(dtype)).sample.float()
+            raw = raw.to(dtype).contiguous(memory_format=torch.channels_last) if gpu else raw.to(dtype)
+            x = self.vae.decode(raw).sample.float()
         return x.clamp(-1, 1) if clamp else x
 
     def encode(self, images):

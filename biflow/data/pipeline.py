@@ -251,36 +251,56 @@ def _usable_shards(fs, root: str, manifest: Manifest, split: str) -> list[str]:
     return good
 
 
-def to_model_batch(batch: dict[str, np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
-    """Collate in the training worker: uint8 -> float32 in [-1, 1]; latents pass through."""
+def to_model_batch(batch: dict[str, np.ndarray], keep_uint8: bool = False,
+                   pin_memory: bool = False) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
+    """Collate in the training worker: uint8 -> float32 in [-1, 1]; latents pass through.
+    ``keep_uint8`` leaves images as uint8 (4x fewer bytes to the device; :func:`to_device`
+    converts them there), ``pin_memory`` puts the batch in page-locked memory (an
+    asynchronous copy to a GPU)."""
     import torch
 
     x, y = batch["x"], batch["y"]
     x = torch.from_numpy(x if x.flags.writeable else x.copy())
-    x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
-    return x, torch.from_numpy(np.array(y, dtype=np.int64))
+    if x.dtype != torch.uint8 or not keep_uint8:
+        x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
+    y = torch.from_numpy(np.array(y, dtype=np.int64))
+    return (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
 
 
-def _collate_fn():
+def to_device(x: "torch.Tensor", device: Any, dtype: Any) -> "torch.Tensor":  # noqa: F821
+    """A collated batch onto ``device`` (non-blocking), then ``dtype``: uint8 images become
+    [-1, 1] in fp32 on the device first (the same values :func:`to_model_batch` gives)."""
+    import torch
+
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(127.5).sub_(1.0)
+    return x.to(dtype)
+
+
+def _collate_fn(keep_uint8: bool = False, pin_memory: bool = False):
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class ToModelBatch(NumpyBatchCollateFn):
         def __call__(self, batch):
-            return to_model_batch(batch)
+            return to_model_batch(batch, keep_uint8, pin_memory)
 
     return ToModelBatch()
 
 
 def iter_worker_batches(shard: Any, batch_size: int, *, epoch: int = 0, seed: int = 0, shuffle_buffer: int = 0,
-                        prefetch_batches: int = 2, drop_last: bool = True,
-                        device: Any = "auto") -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+                        prefetch_batches: int = 2, drop_last: bool = True, device: Any = "auto",
+                        keep_uint8: bool = False, pin_memory: bool = False,
+                        ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
     """One epoch of ``(x float32 (B,C,H,W) in [-1,1], y int64 (B,))`` from a Ray
     Train dataset shard (``ray.train.get_dataset_shard``) or any Ray Dataset /
-    DataIterator. ``device="auto"`` puts tensors on the Ray Train worker's device."""
+    DataIterator. ``device="auto"`` puts tensors on the Ray Train worker's device.
+    ``keep_uint8`` / ``pin_memory``: see :func:`to_model_batch` (training on a GPU)."""
     kwargs: dict[str, Any] = {}
     if shuffle_buffer:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed + epoch}
-    yield from shard.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_fn(), drop_last=drop_last,
+    yield from shard.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_fn(keep_uint8, pin_memory),
+                                        drop_last=drop_last,
                                         prefetch_batches=prefetch_batches, device=device, **kwargs)
 
 

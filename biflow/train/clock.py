@@ -54,9 +54,10 @@ class StageClock:
 
 class PhaseTimer:
     """Host wall time of each phase of a step over a logging window (perf/ms_<phase> scalars):
-    loss (the model's forward, and the frozen flow's in stage 2), host_sync (the all-ranks
-    finite-loss check), backward, optimizer (clipping, the update, the LR schedule), ema. On a
-    CPU every op is synchronous, so these are the phases' costs; on a GPU they are launch times."""
+    loss (the model's forward, and the frozen flow's in stage 2), backward, optimizer (clipping,
+    the finite-gradient check that is the step's one host sync, the update, the LR schedule), ema.
+    On a CPU every op is synchronous, so these are the phases' costs; on a GPU they are launch
+    times, until the host sync waits for the device."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = collections.defaultdict(float)

@@ -91,18 +91,20 @@ def warmup_cosine(optim: OptimConfig, total_steps: int, clock: Any = None) -> Ca
     return factor
 
 
-def build_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and embeddings (1-D tensors)."""
+def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D tensors). ``fused`` (None:
+    on CUDA) is torch's one-kernel update, which also reads no step counter back to the host."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # fused on CUDA (one kernel for the whole update, not ~2,000 small ops per B/2 step);
-    # foreach=False on CPU, where DeepSpeed's ZeRO wrappers replace the param lists
-    on_cuda = bool(decay or no_decay) and (decay or no_decay)[0].is_cuda
-    kind = {"fused": True} if on_cuda else {"foreach": False}
+    # fused: one kernel for the whole update (not ~2,000 small ops per B/2 step); unfused,
+    # foreach=False, for DeepSpeed on a CPU, whose ZeRO wrappers replace the param lists
+    if fused is None:
+        fused = bool(decay or no_decay) and (decay or no_decay)[0].is_cuda
+    kind = {"fused": True} if fused else {"foreach": False}
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), **kind)
 
 
@@ -244,7 +246,18 @@ class Engine:
     def __init__(self) -> None:
         self.micro_step = 0
         self.overflow_steps = 0  # updates skipped because gradients were not finite
-        self.last_grad_norm = float("nan")
+        self.last_grad_norm: float | torch.Tensor = float("nan")  # DDP: a 0-dim tensor (no host sync)
+        self.compile_pending = False  # the module was compiled and has not run yet
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, the step's forward; the first one of a compiled module falls back to eager
+        mode if compiling fails (:func:`first_call`)."""
+        if not self.compile_pending:
+            return fn()
+        self.compile_pending = False
+        out: list[Any] = []
+        first_call(self.module, lambda: out.append(fn()))
+        return out[-1]
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -430,7 +443,7 @@ class DDPEngine(Engine):
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.module = module.to(device)
         self.grad_clip = cfg.optim.grad_clip
-        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.optimizer = build_optimizer(self.module, cfg.optim, fused=True)  # torch's fused kernel, CPU too
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.optim, cfg.train.steps,
                                                                                          clock))
         if world_size() > 1:
@@ -462,8 +475,10 @@ class DDPEngine(Engine):
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        self.last_grad_norm = float(norm)
-        applied = math.isfinite(self.last_grad_norm)  # grads are all-reduced: every rank agrees
+        self.last_grad_norm = norm.detach()  # a tensor: read on log steps only
+        # the step's one host sync: grads are all-reduced, so every rank agrees (a non-finite
+        # loss on any rank makes them non-finite everywhere)
+        applied = bool(torch.isfinite(norm))
         if applied:
             self.optimizer.step()
             self.scheduler.step()
@@ -496,8 +511,13 @@ def build_engine(module: nn.Module, cfg: ExperimentConfig, device: torch.device 
     budget's :class:`~biflow.train.loop.StageClock`): see :func:`warmup_cosine`."""
     device = device or resolve_device()
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.compile:
+        compile_module(module)  # in place, before any wrapper: the engines keep the same module
     if cfg.train.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-        return DeepSpeedEngine(module, cfg, device, precision, clock)
-    return DDPEngine(module, cfg, device, precision, clock)
+        engine: Engine = DeepSpeedEngine(module, cfg, device, precision, clock)
+    else:
+        engine = DDPEngine(module, cfg, device, precision, clock)
+    engine.compile_pending = cfg.train.compile
+    return engine
 
