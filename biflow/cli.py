@@ -219,12 +219,13 @@ def bench_flow_ref_cmd(
     seeds: int = typer.Option(1, help="Seeds per shape (the gap is averaged over them)."),
     sampling: bool = typer.Option(False, "--sampling", help="Time the two exact samplers instead "
                                                             "(flow-ref-sampling.json; no training)."),
+    reps: int = typer.Option(7, help="--sampling: timed calls per sampler and batch (the median is kept)."),
 ) -> None:
     """Our forward flow as shipped against ml-tarflow's model: held-out NLL and step time at the same budget."""
     from biflow.bench.flow_reference import bench_flow_ref_sampling, bench_flow_reference
 
     if sampling:
-        bench_flow_ref_sampling(reference, out, shapes=shape, log=lambda msg: print(msg, flush=True))
+        bench_flow_ref_sampling(reference, out, shapes=shape, reps=reps, log=lambda msg: print(msg, flush=True))
         return
     bench_flow_reference(reference, out, shapes=shape, steps=steps, batch=batch, seeds=seeds,
                          log=lambda msg: print(msg, flush=True))
