@@ -48,8 +48,16 @@ def test_adamw_is_fused_on_cuda_only():
 
     opt = build_optimizer(torch.nn.Linear(4, 4), smoke().optim)
     assert opt.defaults["fused"] in (None, False) and opt.defaults["foreach"] is False
+    assert build_optimizer(torch.nn.Linear(4, 4), smoke().optim, fused=True).defaults["fused"] is True
     if torch.cuda.is_available():
         assert build_optimizer(torch.nn.Linear(4, 4).cuda(), smoke().optim).defaults["fused"] is True
+    # the DeepSpeed engine builds its optimizer before it moves the module, so it passes its device's
+    # choice instead of reading the (still CPU) parameters
+    import inspect
+
+    from biflow.train.engine import DeepSpeedEngine
+
+    assert 'fused=device.type == "cuda"' in inspect.getsource(DeepSpeedEngine.__init__)
 
 
 def test_compile_failure_at_the_first_step_falls_back_to_eager():

@@ -362,7 +362,8 @@ class DeepSpeedEngine(Engine):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.device, self.precision, self.grad_accum = device, precision, cfg.train.grad_accum
         self.ds_config = deepspeed_config(cfg, world_size(), precision, device.type)
-        optimizer = build_optimizer(module, cfg.optim)
+        # from the engine's device: the module is still on the CPU here (DeepSpeed moves it below)
+        optimizer = build_optimizer(module, cfg.optim, fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.train.steps, clock))
         wrapped = _Zero3Outputs(module) if cfg.train.zero_stage == 3 else module
         self.ds, _, _, self.scheduler = deepspeed.initialize(
