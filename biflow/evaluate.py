@@ -56,7 +56,7 @@ def class_grid(n: int, num_classes: int) -> tuple[int, int]:
     return n, max(1, int(math.sqrt(n)))
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def device_option(device: str | torch.device = "auto") -> torch.device:
     """``auto``: the GPU when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N``."""
     name = str(device)
     if name == "auto":
@@ -194,12 +194,12 @@ def sample_images(checkpoint: str, out_dir: str | Path, num: int = 64, guidance:
                   batch_size: int = 64, seed: int = 0, log: Log = print, device: str = "auto",
                   progress: bool = False) -> dict[str, Any]:
     """``biflow sample``: images from a trained run (latents decoded), as a PNG grid and
-    an .npz of uint8 images with their labels, generated on ``device`` (:func:`resolve_device`)."""
+    an .npz of uint8 images with their labels, generated on ``device`` (:func:`device_option`)."""
     from biflow.metrics import save_grid
 
     if sampler not in ("biflow", "exact"):
         raise UserError(f"--sampler {sampler!r}: allowed values: biflow, exact")
-    dev = resolve_device(device)
+    dev = device_option(device)
     flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
     if sampler == "biflow" and rev_l is None:
         raise UserError(f"{checkpoint!r} is a forward (stage-1) run: use --sampler exact, or give a reverse run")
@@ -251,7 +251,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     """Latent runs are evaluated in pixel space: samples and reconstructions are decoded
     through the frozen autoencoder, FID is against the real images the latents were made
     from, PSNR compares decoded images; bits/dim stays in latent space. Models, sampling and
-    Inception features run on ``device`` (:func:`resolve_device`; the same noise is drawn on
+    Inception features run on ``device`` (:func:`device_option`; the same noise is drawn on
     the CPU whatever the device); ``progress`` shows bars over generation and features."""
     import dataclasses
 
@@ -266,7 +266,7 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dev = device_option(device)
     flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
     flow, rev = flow_l.model, rev_l.model if rev_l else None
     cfg = (rev_l or flow_l).config

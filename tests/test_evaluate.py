@@ -81,14 +81,14 @@ def test_device_option_resolves_and_rejects_clearly():
 
     from biflow.cli import app
     from biflow.errors import UserError
-    from biflow.evaluate import resolve_device
+    from biflow.evaluate import device_option
 
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert device_option("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device_option("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="--device 'tpu': allowed values: auto, cpu, cuda, cuda:N"):
-        resolve_device("tpu")
+        device_option("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda: no CUDA device here"):
-            resolve_device("cuda")
+            device_option("cuda")
     res = CliRunner().invoke(app, ["sample", "nosuchrun", "--device", "gpu0"])  # checked before any loading
     assert res.exit_code != 0 and "--device 'gpu0': allowed values" in res.output
