@@ -110,7 +110,6 @@ def measure_mfu(cfg: FlowConfig, batch: int, steps: int = 20, warmup: int = 5, p
         sync()
         seconds = (time.perf_counter() - t0) / steps
         precision_used = eng.precision
-        del eng
     flops = flow_train_flops(cfg, batch)
     achieved = flops["flops_per_step"] / seconds
     return {"device": str(dev), "engine": engine, "zero_stage": zero_stage if engine == "deepspeed" else None,
