@@ -299,13 +299,18 @@ class TrainConfig:
     # torch.compile the model (opt-in; GPUs). A compile failure at the first step falls back to
     # eager mode, and the log says so
     compile: bool = False
+    # every this many steps, ask Ray Train whether a node of the run is being preempted (a drained
+    # spot node) and, on a notice, write a just-in-time checkpoint (0 = never ask)
+    preemption_check_every: int = 10
 
     def validate(self, path: str = "train") -> None:
         _positive(self, path, "steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage={self.zero_stage}: allowed values are 0, 1, 2, 3")
         _ranges(path, [("sample_every", self.sample_every >= 0, ">= 0 (0 disables)"),
-                       ("time_budget_s", self.time_budget_s >= 0, ">= 0 seconds (0 = no budget)")], self)
+                       ("time_budget_s", self.time_budget_s >= 0, ">= 0 seconds (0 = no budget)"),
+                       ("preemption_check_every", self.preemption_check_every >= 0, ">= 0 steps (0 = never)")],
+                self)
 
 
 @dataclass
@@ -314,7 +319,9 @@ class RayConfig:
     workers: int = 2
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cpus_per_worker: float = 1.0
-    max_failures: int = 2
+    max_failures: int = 2  # restarts after real faults (a worker or node lost without notice)
+    # restarts after preemptions (a node drained with the preemption reason first), counted apart
+    max_preemption_failures: int = -1  # -1: unlimited
     storage: str = "runs"  # run storage: local dir or s3://bucket/prefix
     storage_endpoint: str = ""
     # per-worker custom resources beside CPU/GPU (e.g. {"spot_gpu": 1}, or a node type's marker resource)
@@ -326,7 +333,9 @@ class RayConfig:
         if self.workers < 1:
             raise ConfigError(f"{path}.workers must be >= 1, got {self.workers}")
         _ranges(path, [("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
-                       ("max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited")], self)
+                       ("max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited"),
+                       ("max_preemption_failures", self.max_preemption_failures >= -1, ">= 0, or -1 for unlimited")],
+                self)
 
 
 @dataclass

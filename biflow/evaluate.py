@@ -153,7 +153,9 @@ def sample_features(checkpoint: str, forward: str, storage: str, endpoint: str, 
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    from biflow.fleet.capacity import reachable
+
+    use_gpu = reachable("GPU") > 0  # a fleet scaled to zero launches GPU nodes for the tasks
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_remote_features)
     per = math.ceil(n / workers)
     refs = [task.remote(checkpoint, forward, storage, endpoint, sampler, min(per, n - i * per), guidance,

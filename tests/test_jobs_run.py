@@ -7,7 +7,7 @@ intervals, with the data pointed at small generated fixtures
 (tests/jobdata.py: an ImageNet-layout JPEG tree, its shards, a tiny random
 ``AutoencoderKL`` and its latents; Fashion-MNIST shards). Everything else
 stays as shipped: latents, perceptual loss, crops, CFG, engine, ZeRO stage,
-sample grids.
+sample grids (the GPU jobs' ``ray.use_gpu: yes`` becomes ``no`` on a CPU machine).
 
 Asserted for each job: committed checkpoints at the last step, a sample grid
 PNG (decoded to RGB for latent jobs); for searches the trial table and
@@ -47,7 +47,8 @@ FLOW_SIZE = ["flow.width=32", "flow.depth=1", "flow.num_blocks=2", "flow.num_hea
 REVERSE_SIZE = ["reverse.width=32", "reverse.depth=2", "reverse.num_heads=2", "reverse.perceptual.resize=75"]
 TRAIN_SIZE = [f"train.steps={STEPS}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=1",
               f"train.sample_every={STEPS}", "optim.warmup_steps=1", "ray.workers=1", "ray.cpus_per_worker=1",
-              "data.shuffle_buffer=16", "data.prefetch_batches=1"]
+              "data.shuffle_buffer=16", "data.prefetch_batches=1",
+              "ray.use_gpu=no"]  # the GPU jobs say use_gpu: yes; this machine has none
 
 
 def test_every_job_file_is_run_by_this_tier():

@@ -113,7 +113,9 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
         return Manifest(previous, out_uri)
 
     ensure_ray(num_cpus)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    from biflow.fleet.capacity import reachable
+
+    gpus = int(reachable("GPU"))  # what the fleet can scale to, not what is up now
     scaling_factor = _scaling_factor(autoencoder)
     t0 = time.perf_counter()
     manifest: dict[str, Any] = {
@@ -132,7 +134,8 @@ def prepare_latents(source_uri: str, out_uri: str, autoencoder: str, *, splits: 
             ds = ds.select_columns(["image", "label", "key"])
             if limit:
                 ds = ds.limit(limit)
-            pool = ray.data.ActorPoolStrategy(size=max(gpus, 1))
+            # GPU encoders grow from one as the autoscaler brings GPU nodes up
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus) if gpus else ray.data.ActorPoolStrategy(size=1)
             actor_args: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
             ds = ds.map_batches(EncodeLatents, fn_constructor_args=(autoencoder, image_size or None, dtype),
                                 batch_size=batch_size, batch_format="numpy", compute=pool, **actor_args)

@@ -129,13 +129,19 @@ def init_ray(address: str | None, cfg: ExperimentConfig | None = None, cpus_need
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
-    import ray
+    """``auto`` asks what the cluster can have (its autoscaler's node types), not what is
+    up now: a fleet that scales GPUs from zero has none when the job is submitted."""
+    from biflow.fleet import capacity
 
-    if cfg.ray.use_gpu == "yes":
-        return True
     if cfg.ray.use_gpu == "no":
         return False
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    gpus = capacity.reachable("GPU")
+    if cfg.ray.use_gpu == "yes":
+        if gpus < 1 and capacity.autoscaler_maxima() is not None:  # known node types, none with a GPU
+            raise ConfigError("ray.use_gpu=yes, but no node type of this cluster's autoscaler has a GPU: "
+                              "add a GPU node type or set ray.use_gpu=no")
+        return True
+    return gpus >= 1
 
 
 def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] | None = None,
@@ -168,7 +174,8 @@ def build_trainer(cfg: ExperimentConfig, run: RunInfo, datasets: dict[str, Any] 
     run_config = RunConfig(
         name=run.name,
         **storage_mod.ray_storage(run.storage, run.endpoint, run.region),
-        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                     max_preemption_failures=cfg.ray.max_preemption_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env},
         callbacks=list(report_callbacks or []) or None,

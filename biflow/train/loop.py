@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from biflow.train.callbacks import Callbacks
 from biflow.train.clock import PhaseTimer, StageClock  # noqa: F401 (StageClock: the loop's public clock)
 from biflow.train.engine import (Engine, any_rank, build_engine, mean_over_ranks, rank,
                                  resolve_device, world_size)
+from biflow.train.progress import Logger, PreemptionNotice
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,92 +218,6 @@ def sample_grid(stage: ForwardStage, ema_state: dict[str, torch.Tensor], labels:
 # ---------------------------------------------------------------------------
 # Logging (rank 0)
 # ---------------------------------------------------------------------------
-
-
-class Logger:
-    """TensorBoard scalars/images and a console progress line, on rank 0 only.
-
-    With remote run storage the event files are written to a local directory
-    and copied to ``RUN/tensorboard`` at every checkpoint.
-    """
-
-    def __init__(self, run: RunInfo, stage: str, total_steps: int, enabled: bool, clock: StageClock | None = None):
-        self.enabled, self.stage, self.total, self.clock = enabled, stage, total_steps, clock
-        self.run = run
-        self.writer = None
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        if run.is_local:
-            from biflow.data import storage
-
-            _, path = storage.resolve(run.uri)
-            self.log_dir = Path(path) / "tensorboard"
-        else:
-            self.log_dir = Path(tempfile.mkdtemp(prefix=f"biflow-tb-{run.name}-"))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.log_dir))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer:
-            for k, v in values.items():
-                if v is not None and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
-
-    def console(self, step: int, loss: float, extra: str, samples_per_s: float, steps_per_s: float) -> None:
-        if not self.enabled:
-            return
-        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
-        if self.clock is not None and self.clock.budget > 0:
-            eta = min(eta, self.clock.remaining())
-        width = len(str(self.total))
-        print(f"[{self.stage}] step {step:>{width}}/{self.total} | loss {loss:.4f}{extra} | "
-              f"{samples_per_s:,.0f} img/s | ETA {_fmt_duration(eta)}", flush=True)
-
-    def image(self, step: int, images: torch.Tensor) -> None:
-        if not self.writer:
-            return
-        from biflow.metrics import make_grid, save_grid
-
-        path = save_grid(images, self.log_dir / "samples" / f"step_{step:08d}.png", nrow=8)
-        grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=8).add(1).div(2)
-        self.writer.add_image("samples", grid, step)
-        print(f"[{self.stage}] step {step}: samples -> {path}", flush=True)
-
-    def sync(self) -> None:
-        """Copy the local log dir to remote storage (no-op for local runs)."""
-        if not self.writer or self.run.is_local:
-            return
-        import pyarrow.fs as pafs
-
-        from biflow.data import storage
-
-        self.writer.flush()
-        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region)
-        try:
-            pafs.copy_files(str(self.log_dir), storage.join(path, "tensorboard"),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        except OSError as exc:  # logs are best effort; training goes on
-            print(f"[{self.stage}] warning: could not upload TensorBoard logs: {str(exc).splitlines()[0]}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.writer:
-            self.sync()
-            self.writer.close()
-
-
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-# ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
 
@@ -469,6 +383,7 @@ def train_loop(config: dict[str, Any]) -> None:
         say(f"time budget {cfg.train.time_budget_s:g} s of training ({state.train_seconds:.0f} s spent): "
             f"the stage ends at step {total} or when it is spent")
     logger = Logger(run, cfg.stage, total, enabled=is_rank0, clock=clock)
+    notice = PreemptionNotice(cfg.train.preemption_check_every, say)
     batches = batches or _batches(cfg, state)
     window: dict[str, float] = collections.defaultdict(float)
     window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
@@ -581,7 +496,8 @@ def train_loop(config: dict[str, Any]) -> None:
             window_steps, window_wait, window_start, window_pause = 0, 0.0, time.perf_counter(), 0.0
 
         sample_now = cfg.train.sample_every > 0 and (step % cfg.train.sample_every == 0 or last)
-        ckpt_now = step % cfg.train.checkpoint_every == 0 or last
+        # a drained (preempted) node: checkpoint now, keep training until Ray restarts the group elsewhere
+        ckpt_now = notice.due(step) or step % cfg.train.checkpoint_every == 0 or last
         t_pause = time.perf_counter()
         ema_full = ema.full_state_dict() if (sample_now or ckpt_now) else None
         if ckpt_now:  # before sampling: a grid that fails can never cost committed work

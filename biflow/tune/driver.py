@@ -69,14 +69,15 @@ def _init_ray(address: str, cpus_needed: float) -> None:
     init_ray(address, cpus_needed=cpus_needed)
 
 def _concurrency(spec: SearchSpec, cfg: ExperimentConfig) -> int:
-    import ray
+    """Trials at once: what the cluster can have (its autoscaler's node types) divided by
+    one trial's needs, not what is up now (a fleet scaled to zero has nothing up)."""
+    from biflow.fleet.capacity import reachable
 
     if spec.max_concurrent:
         return spec.max_concurrent
-    res = ray.cluster_resources()
     per_trial_cpu = cfg.ray.workers * cfg.ray.cpus_per_worker + spec.resources.trial_cpus
-    by_cpu = int(max(res.get("CPU", 1) - 1, 1) // max(per_trial_cpu, 1e-9))  # one CPU left for Ray Data
-    gpus = res.get("GPU", 0)
+    by_cpu = int(max(reachable("CPU") - 1, 1) // max(per_trial_cpu, 1e-9))  # one CPU left for Ray Data
+    gpus = reachable("GPU")
     by_gpu = int(gpus // cfg.ray.workers) if gpus and cfg.ray.use_gpu != "no" else by_cpu
     return max(1, min(by_cpu, by_gpu, spec.num_samples))
 

@@ -1,0 +1,212 @@
+"""biflow.fleet: GPUs from zero, spot to on-demand fallback, and the spot notice.
+
+- The scorer is driven through Ray's own v1 scheduler (``get_nodes_for``) and
+  availability tracker with the node types of cluster/aws.yaml, before and
+  after a recorded launch failure.
+- ``use_gpu: auto`` is decided on a real local Ray with no GPU up, from the
+  launcher config file and from the cluster config published into the GCS.
+- The notice watcher polls an IMDSv2 stand-in served on loopback (the real
+  service exists only on EC2); draining a real node on its notice is the
+  preemption scenario of tests/test_nodes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biflow.config import ConfigError, ExperimentConfig
+from biflow.fleet import capacity, scorer, spot_notice
+
+pytestmark = pytest.mark.integration
+
+AWS_YAML = Path(__file__).resolve().parents[1] / "cluster" / "aws.yaml"
+
+
+def aws_config() -> dict:
+    return yaml.safe_load(AWS_YAML.read_text())
+
+
+# ---------------------------------------------------------------------------
+# Spot fallback through Ray's scheduler
+# ---------------------------------------------------------------------------
+
+
+def choose(node_types: dict, demand: list[dict], tracker, scorer_fn) -> dict[str, int]:
+    from functools import partial
+
+    from ray.autoscaler._private.resource_demand_scheduler import get_nodes_for
+
+    chosen, _ = get_nodes_for(node_types, {}, "head", 10, demand,
+                              partial(scorer_fn, node_availability_summary=tracker.summary()))
+    return dict(chosen)
+
+
+def insufficient_capacity(tracker, node_type: str, clock: list[float]) -> None:
+    from ray.autoscaler.node_launch_exception import NodeLaunchException
+
+    tracker.update_node_availability(node_type, int(clock[0]), NodeLaunchException(
+        "InsufficientInstanceCapacity", f"no spot capacity for {node_type}", None))
+
+
+@pytest.mark.parametrize("demand,spot,ondemand", [
+    ([{"CPU": 8, "GPU": 1}], "gpu-1x-a10g-spot", "gpu-1x-a10g-ondemand"),
+    ([{"CPU": 96, "GPU": 8}], "gpu-8x-a100-spot", "gpu-8x-a100-ondemand"),
+])
+def test_spot_fallback_after_a_failed_launch(demand, spot, ondemand):
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeProviderAvailabilityTracker
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer
+
+    types = aws_config()["available_node_types"]
+    clock = [1_000.0]
+    tracker = NodeProviderAvailabilityTracker(timer=lambda: clock[0], ttl=1800)
+    before = choose(types, demand, tracker, scorer.spot_fallback_scorer)
+    insufficient_capacity(tracker, spot, clock)
+    after = choose(types, demand, tracker, scorer.spot_fallback_scorer)
+    default_after = choose(types, demand, tracker, _default_utilization_scorer)
+    clock[0] += 1801  # the record goes stale: spot is tried again
+    stale = choose(types, demand, tracker, scorer.spot_fallback_scorer)
+    print(f"{demand}: before {before}, after the failure {after} (Ray's default scorer: {default_after}), "
+          f"30 min later {stale}")
+    assert before == {spot: 1}
+    assert after == {ondemand: 1}
+    assert default_after == {spot: 1}  # the bug this scorer fixes
+    assert stale == {spot: 1}
+
+
+def test_the_autoscaler_loads_the_scorer_by_name(monkeypatch):
+    from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
+
+    monkeypatch.setenv("RAY_AUTOSCALER_UTILIZATION_SCORER", "biflow.fleet.scorer.spot_fallback_scorer")
+    sched = ResourceDemandScheduler(provider=None, node_types=aws_config()["available_node_types"],
+                                    max_workers=24, head_node_type="head", upscaling_speed=1.0)
+    assert sched.utilization_scorer is scorer.spot_fallback_scorer
+
+
+# ---------------------------------------------------------------------------
+# GPUs from zero
+# ---------------------------------------------------------------------------
+
+
+def test_node_type_maxima_of_the_launcher_config():
+    maxima = capacity.node_type_maxima(aws_config())
+    # a10g: 8 spot + 4 on-demand x 1 GPU; a100: (4 + 4) x 8; h100: 2 x 8
+    assert maxima["GPU"] == 12 + 64 + 16
+    assert maxima["CPU"] == 8 * 32 + 12 * 8 + 8 * 96 + 2 * 192  # the head has CPU: 0
+
+
+def gpu_config(use_gpu: str) -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.ray.use_gpu = use_gpu
+    return cfg
+
+
+def test_use_gpu_auto_from_the_launcher_config_with_no_gpu_up(ray_local, tmp_path, monkeypatch):
+    from biflow.train.launch import _use_gpu
+
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    monkeypatch.setenv(capacity.CONFIG_ENV, str(tmp_path / "none.yaml"))
+    assert _use_gpu(gpu_config("auto")) is False  # no autoscaler config: what is up (no GPU)
+    monkeypatch.setenv(capacity.CONFIG_ENV, str(AWS_YAML))
+    assert _use_gpu(gpu_config("auto")) is True  # GPU node types at min_workers 0
+    cpu_only = aws_config()
+    cpu_only["available_node_types"] = {k: v for k, v in cpu_only["available_node_types"].items()
+                                        if "GPU" not in v.get("resources", {})}
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(cpu_only))
+    monkeypatch.setenv(capacity.CONFIG_ENV, str(tmp_path / "cpu.yaml"))
+    assert _use_gpu(gpu_config("auto")) is False
+    with pytest.raises(ConfigError, match="ray.use_gpu=yes, but no node type of this cluster's autoscaler has a GPU"):
+        _use_gpu(gpu_config("yes"))
+
+
+def test_use_gpu_auto_from_the_cluster_config_in_the_gcs(ray_local, tmp_path, monkeypatch):
+    """What the launcher's head publishes at start; Ray Train reads the same config."""
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    from biflow.train.launch import _use_gpu
+    from biflow.tune.driver import _concurrency
+    from biflow.tune.spec import SearchSpec
+
+    monkeypatch.setenv(capacity.CONFIG_ENV, str(tmp_path / "none.yaml"))
+    gcs = ray_local._private.worker.global_worker.gcs_client
+    try:
+        published = capacity.publish(AWS_YAML)
+        assert state.get_max_resources_from_cluster_config()["GPU"] == published["GPU"] == 92
+        assert _use_gpu(gpu_config("auto")) is True
+        cfg = gpu_config("yes")
+        cfg.ray.workers, cfg.ray.cpus_per_worker = 8, 8
+        spec = SearchSpec(num_samples=20)
+        assert _concurrency(spec, cfg) == 92 // 8  # sized by what the fleet can have, not what is up (0 GPUs)
+    finally:  # the session's Ray is shared: leave it without a cluster config
+        gcs.report_cluster_config(autoscaler_pb2.ClusterConfig().SerializeToString())
+    assert state.get_max_resources_from_cluster_config() is None
+    assert _use_gpu(gpu_config("auto")) is False
+
+
+# ---------------------------------------------------------------------------
+# The spot notice watcher
+# ---------------------------------------------------------------------------
+
+
+class FakeIMDS(BaseHTTPRequestHandler):
+    """IMDSv2 as EC2 serves it: a PUT for a token, GETs that need it, 404 when no notice."""
+
+    lifecycle = "spot"
+    notice: dict | None = None
+    token = "tok-123"
+
+    def do_PUT(self):  # noqa: N802 (http.server's naming)
+        if self.path != "/latest/api/token" or "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
+            return self._send(400, "")
+        self._send(200, self.token)
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._send(401, "")
+        if self.path == "/latest/meta-data/instance-life-cycle":
+            return self._send(200, type(self).lifecycle)
+        if self.path == "/latest/meta-data/spot/instance-action" and type(self).notice:
+            return self._send(200, json.dumps(type(self).notice))
+        self._send(404, "Not Found")
+
+    def _send(self, code: int, body: str):
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def imds():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeIMDS.lifecycle, FakeIMDS.notice = "spot", None
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def notice_in(seconds: float) -> dict:
+    return {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))}
+
+
+def test_watch_exits_on_an_on_demand_instance(imds):
+    _, url = imds
+    FakeIMDS.lifecycle = "on-demand"
+    assert spot_notice.watch(spot_notice.Metadata(url), node_id="x", poll_s=0.01, max_polls=3) is None
+
+
+def test_watch_reads_the_notice_deadline(imds):
+    _, url = imds
+    meta = spot_notice.Metadata(url)
+    assert meta.is_spot() and meta.interruption_deadline() is None
+    FakeIMDS.notice = notice_in(120)
+    assert meta.interruption_deadline() == pytest.approx(time.time() + 120, abs=2)
