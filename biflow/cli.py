@@ -376,7 +376,9 @@ def train(
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. jobs/smoke-forward.yaml."),
     set_: Optional[List[str]] = SetOption,
     name: str = typer.Option("", help="Run name (default: the config's name). Rerunning a name resumes it."),
-    storage: str = typer.Option("", help="Run storage: local dir or s3://bucket/prefix (default: ray.storage)."),
+    storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
+                                help="Run storage: local dir or s3://bucket/prefix (default: $BIFLOW_STORAGE, which "
+                                     "the fleet's nodes set to their bucket, else ray.storage)."),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     workers: int = typer.Option(0, help="Ray Train workers (default: ray.workers)."),
 ) -> None:
@@ -404,7 +406,8 @@ def submit(
     address: str = typer.Option("", help="Cluster dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)."),
     set_: Optional[List[str]] = SetOption,
     follow: bool = typer.Option(True, help="Follow the job's logs until it ends."),
-    upload_code: bool = typer.Option(True, help="Ship the local biflow package with the job (py_modules)."),
+    upload_code: bool = typer.Option(False, help="Ship this checkout's biflow package with the job (py_modules), "
+                                                 "over the one in the cluster's image: for trying local changes."),
     entrypoint_num_cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the job's driver."),
     entrypoint_num_gpus: Optional[float] = typer.Option(None, help="GPUs reserved for the job's driver."),
     entrypoint_resources: str = typer.Option("", help='Custom resources of the driver, JSON: \'{"head": 1}\'.'),
@@ -448,7 +451,9 @@ def tune_cmd(
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a search key (num_samples=4) or a base job key (base.train.steps=100)."),
     name: str = typer.Option("", help="Search name (default: the YAML's name). Rerunning a name resumes it."),
-    storage: str = typer.Option("", help="Search storage: local dir or s3://bucket/prefix (default: base ray.storage)."),
+    storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
+                                help="Search storage: local dir or s3://bucket/prefix (default: $BIFLOW_STORAGE, "
+                                     "else base ray.storage)."),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     out: Optional[Path] = typer.Option(None, help="Results directory (default: STORAGE/NAME/results)."),
 ) -> None:

@@ -3,8 +3,9 @@ Ray cluster through Ray's job submission API.
 
 The job config is validated here first (a typo fails on the laptop, not after
 a cluster queue), then the resolved config travels as the job's working
-directory and the local ``biflow`` package as a ``py_module``, so the cluster
-runs exactly the code and config that were checked.
+directory. The code is the cluster image's biflow (pinned with the image);
+``--upload-code`` ships this checkout's ``biflow`` package as a ``py_module``
+instead, over the image's, for trying local changes.
 
 Idempotent: the job's ``submission_id`` is derived from where the run writes
 (``ray.storage`` + ``name``, the checkpoint directory), so submitting the same
@@ -53,6 +54,9 @@ from biflow.errors import UserError
 # cluster nodes get cloud access from their instance role / service account (through the
 # metadata service, so AWS_EC2_METADATA_DISABLED is not forwarded either).
 FORWARDED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+# Ray Train's controller inherits the job's environment: a worker group waiting for nodes that
+# scale up from zero needs longer than Train's default 60 s before a start counts as failed
+TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -96,7 +100,7 @@ def build_job(job: str | Path, overrides: list[str] | None, workdir: Path, uploa
     save_config(cfg, workdir / "job.yaml")
     entrypoint = f"python -m biflow.cli train {cfg.stage} --config job.yaml"
     env: dict = {"working_dir": str(workdir),
-                 "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+                 "env_vars": {**TRAIN_CONTROLLER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
     if upload_code:
         import biflow
 
@@ -125,7 +129,7 @@ def _next_id(base: str, attempts: list) -> str:
 
 
 def submit(job: str | Path, address: str, overrides: list[str] | None = None, follow: bool = True,
-           upload_code: bool = True, timeout_s: float = 0, retry_s: float = 180, log: Callable[[str], None] = print,
+           upload_code: bool = False, timeout_s: float = 0, retry_s: float = 180, log: Callable[[str], None] = print,
            runtime_env: dict | None = None, entrypoint_num_cpus: float | None = None,
            entrypoint_num_gpus: float | None = None, entrypoint_memory: int | None = None,
            entrypoint_resources: dict[str, float] | None = None) -> tuple[str, str]:

@@ -162,6 +162,15 @@ def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad
     assert "Traceback" not in output
 
 
+def test_run_storage_comes_from_biflow_storage_on_fleet_nodes(no_workers, bad_run, monkeypatch):
+    """Launcher nodes export BIFLOW_STORAGE (the fleet's bucket): `biflow train` without
+    --storage uses it, over the job's ray.storage. Seen here through the run it finds there."""
+    monkeypatch.setenv("BIFLOW_STORAGE", str(bad_run))
+    result = CliRunner().invoke(app, ["train", "forward", "-c", FWD, "--name", "four", "--workers", "2"])
+    assert result.exit_code != 0 and "ray.workers=2" in result.output, result.output
+    assert "checkpointed with 4 workers" in result.output and str(bad_run) in result.output
+
+
 # ---------------------------------------------------------------------------
 # Security defaults
 # ---------------------------------------------------------------------------

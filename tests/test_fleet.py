@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import yaml
 
 from biflow.config import ConfigError, ExperimentConfig
 from biflow.fleet import capacity, scorer, spot_notice
+from tests.imds import FakeIMDS, notice_in
 
 pytestmark = pytest.mark.integration
 
@@ -155,47 +153,13 @@ def test_use_gpu_auto_from_the_cluster_config_in_the_gcs(ray_local, tmp_path, mo
 # ---------------------------------------------------------------------------
 
 
-class FakeIMDS(BaseHTTPRequestHandler):
-    """IMDSv2 as EC2 serves it: a PUT for a token, GETs that need it, 404 when no notice."""
-
-    lifecycle = "spot"
-    notice: dict | None = None
-    token = "tok-123"
-
-    def do_PUT(self):  # noqa: N802 (http.server's naming)
-        if self.path != "/latest/api/token" or "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
-            return self._send(400, "")
-        self._send(200, self.token)
-
-    def do_GET(self):  # noqa: N802
-        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
-            return self._send(401, "")
-        if self.path == "/latest/meta-data/instance-life-cycle":
-            return self._send(200, type(self).lifecycle)
-        if self.path == "/latest/meta-data/spot/instance-action" and type(self).notice:
-            return self._send(200, json.dumps(type(self).notice))
-        self._send(404, "Not Found")
-
-    def _send(self, code: int, body: str):
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def imds():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    FakeIMDS.lifecycle, FakeIMDS.notice = "spot", None
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    from tests.imds import serve
+
+    server, url = serve()
+    yield server, url
     server.shutdown()
-
-
-def notice_in(seconds: float) -> dict:
-    return {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))}
 
 
 def test_watch_exits_on_an_on_demand_instance(imds):

@@ -134,11 +134,29 @@ def test_extra_runtime_env_merges_over_the_job_env(tmp_path, monkeypatch):
                                   "pip": ["einops==0.8.2"]})
     env = spec["runtime_env"]
     assert env["working_dir"] == str(tmp_path) and (tmp_path / "job.yaml").is_file()
-    assert env["env_vars"] == {"AWS_DEFAULT_REGION": "eu-west-1", "NCCL_DEBUG": "INFO"}
+    assert env["env_vars"] == {"AWS_DEFAULT_REGION": "eu-west-1", "NCCL_DEBUG": "INFO",
+                               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     assert env["pip"] == ["einops==0.8.2"] and "py_modules" not in env
     assert spec["entrypoint"] == "python -m biflow.cli train forward --config job.yaml"
     with pytest.raises(UserError, match="working_dir is set by biflow submit"):
         build_job("jobs/smoke-forward.yaml", None, tmp_path, upload_code=False, runtime_env={"working_dir": "/x"})
+
+
+def test_submit_runs_the_images_code_unless_asked(tmp_path):
+    """The pinned image's biflow runs by default; --upload-code ships this checkout's over it."""
+    import inspect
+
+    import biflow
+    from biflow.cli import submit as submit_cmd
+    from biflow.submit import build_job, submit
+
+    assert inspect.signature(submit).parameters["upload_code"].default is False
+    assert inspect.signature(submit_cmd).parameters["upload_code"].default.default is False
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert "py_modules" not in build_job("jobs/smoke-forward.yaml", None, tmp_path / "a", upload_code=False)["runtime_env"]
+    shipped = build_job("jobs/smoke-forward.yaml", None, tmp_path / "b", upload_code=True)["runtime_env"]
+    assert shipped["py_modules"] == [str(Path(biflow.__file__).parent)]
 
 
 _SUBMIT = """

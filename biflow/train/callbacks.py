@@ -97,3 +97,22 @@ def resolve(callbacks: Callbacks | None = None, hooks: dict[str, Any] | None = N
     if callbacks is not None:
         return callbacks
     return FaultInjection(hooks) if hooks else Callbacks()
+
+
+class StepLog(Callbacks):
+    """Appends ``step wall_time`` to a local file on rank 0 after every optimizer step:
+    how a test on one machine follows a run's progress without reading its storage.
+    ``pace_s`` makes every step last at least that long (every rank), so a toy run is
+    still running when a scenario acts on it."""
+
+    def __init__(self, path: str, pace_s: float = 0.0):
+        self.path, self.pace_s = path, pace_s
+        self._last = 0.0
+
+    def on_step(self, step: int) -> None:
+        if self.pace_s:
+            time.sleep(max(0.0, self._last + self.pace_s - time.time()))
+            self._last = time.time()
+        if rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {time.time():.3f}\n")

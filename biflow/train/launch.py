@@ -24,6 +24,8 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Train tees print() to stdout and to its logger, so every progress line showed twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # a worker group that waits for GPU nodes to scale up from zero (minutes) is not a failed start
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
 
 
