@@ -361,12 +361,15 @@ def spawn_node(address: str, cpus: int, resources: dict[str, float] | None = Non
 
 
 def kill_raylet(node_id: str) -> None:
-    """SIGKILL a spawned node's raylet and everything under it (its workers and agents)."""
+    """SIGKILL a node's raylet and everything under it (its workers and agents), found by the
+    raylet socket the GCS lists for the node: as a machine that vanishes, for any kind of node."""
     import psutil
+    import ray
 
-    for proc in processes_with(os.environ["RAY_TMPDIR"]):
+    socket_name = next(n["RayletSocketName"] for n in ray.nodes() if n["NodeID"] == node_id)
+    for proc in processes_with(socket_name):
         try:
-            if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id and "raylet" in proc.name():
+            if "raylet" in proc.name():
                 victims = [proc, *proc.children(recursive=True)]
                 for p in victims:
                     p.kill()
@@ -374,7 +377,7 @@ def kill_raylet(node_id: str) -> None:
                 return
         except psutil.Error:
             continue
-    raise RuntimeError(f"no raylet found for node {node_id}")
+    raise RuntimeError(f"no raylet found for node {node_id} (socket {socket_name})")
 
 
 def kill_and_replace_later(cluster, nodes: dict, node_id: str, rec: Recorder, cpus: int = 2,
@@ -399,9 +402,9 @@ def kill_and_replace_later(cluster, nodes: dict, node_id: str, rec: Recorder, cp
                 entry.update(added=added, joined_at_s=rec.now())
                 return
             except TimeoutError:
-                try:
+                try:  # a raylet that gave up is gone already; one still starting is ended with the scenario
                     kill_raylet(added)
-                except RuntimeError:
+                except (RuntimeError, StopIteration):
                     pass
 
     threading.Thread(target=replace, daemon=True).start()
@@ -636,10 +639,13 @@ def steps_logged(path: Path) -> list[tuple[int, float]]:
 
 
 def attempts_of(log: list[tuple[int, float]]) -> list[list[int]]:
-    """The step log split where the step goes back (a restarted attempt)."""
+    """The step log split where the step goes back (a restarted attempt); a step written
+    twice in a row counts once."""
     runs: list[list[int]] = []
     for step, _ in log:
-        if not runs or step <= runs[-1][-1]:
+        if runs and step == runs[-1][-1]:
+            continue
+        if not runs or step < runs[-1][-1]:
             runs.append([])
         runs[-1].append(step)
     return runs
@@ -664,8 +670,9 @@ def scenario_preemption(rec: Recorder, data_uri: str, endpoint: str, bucket: str
     cluster, nodes = start_cluster(rec)
     storage_uri = f"s3://{bucket}/runs"
     run_uri = f"{storage_uri}/preempt"
-    # paced to 5 steps/s: a notice window (15 s) holds ~75 steps, and 600 outlast three reclaims
-    steps, notice_s, margin_s, pace_s, after = 600, 15, 5, 0.2, 10
+    # paced to 5 steps/s: a notice window (15 s) holds ~75 steps; 200 outlast three reclaims,
+    # each 10 steps into an attempt (the third's checkpoint near step 50, its kill before 130)
+    steps, notice_s, margin_s, pace_s, after = 200, 15, 5, 0.2, 10
     cfg = stage_job("forward", [
         f"data.uri={data_uri}", f"data.endpoint={endpoint}", f"ray.storage={storage_uri}",
         f"ray.storage_endpoint={endpoint}", "ray.placement_strategy=SPREAD", "ray.max_failures=0",
@@ -939,7 +946,7 @@ def test_preemptions_resume_from_just_in_time_checkpoints(fmnist_s3_shards, s3_s
     print(json.dumps({"preemptions": events, "attempts": [[a[0], a[-1]] for a in attempts],
                       "committed": facts["committed"], "run_wall_s": facts["run_wall_s"],
                       "scenario_seconds": facts["scenario_seconds"]}, indent=1))
-    assert facts["max_failures"] == 0 and facts["final_step"] == 600 and len(events) == 3
+    assert facts["max_failures"] == 0 and facts["final_step"] == 200 and len(events) == 3
     assert len(attempts) == 4, attempts  # one attempt per preemption, plus the first
     jit_steps = []
     for event, resumed in zip(events, attempts[1:]):
@@ -949,9 +956,9 @@ def test_preemptions_resume_from_just_in_time_checkpoints(fmnist_s3_shards, s3_s
         assert event["jit_after_notice_s"] < event["drain_deadline_in_s"]  # committed before the deadline
         assert resumed[0] == jit + 1  # resumed from the just-in-time checkpoint
         jit_steps.append(jit)
-    assert facts["committed"] == [*jit_steps, 600]
-    kept = [s for a, nxt in zip(attempts, [*[b[0] for b in attempts[1:]], 601]) for s in a if s < nxt]
-    assert kept == list(range(1, 601))  # every step once in the run's history
+    assert facts["committed"] == [*jit_steps, 200]
+    kept = [s for a, nxt in zip(attempts, [*[b[0] for b in attempts[1:]], 201]) for s in a if s < nxt]
+    assert kept == list(range(1, 201))  # every step once in the run's history
 
 
 if __name__ == "__main__":

@@ -72,6 +72,16 @@ def data_stats_actor(name: str):
     return handle
 
 
+def release_data_stats(name: str) -> None:
+    """End a run's stats actor: a long-lived driver (Tune, a notebook) would otherwise keep
+    it, and with it a node the autoscaler could not call idle."""
+    import ray
+
+    handle = _STATS_HANDLES.pop(name, None)
+    if handle is not None:
+        ray.kill(handle)
+
+
 def corrupt_records(name: str) -> int | None:
     """Corrupt records skipped so far by the dataset whose stats actor is ``name``."""
     import ray

@@ -113,6 +113,10 @@ class StepLog(Callbacks):
         if self.pace_s:
             time.sleep(max(0.0, self._last + self.pace_s - time.time()))
             self._last = time.time()
-        if rank() == 0:
+        import ray.train
+
+        # Ray's rank, not torch.distributed's: a worker whose process group is being torn
+        # down (a preempted group) would read rank 0 there and log the step twice
+        if ray.train.get_context().get_world_rank() == 0:
             with open(self.path, "a") as f:
                 f.write(f"{step} {time.time():.3f}\n")

@@ -223,6 +223,12 @@ def fit(cfg: ExperimentConfig, name: str | None = None, storage: str | None = No
     except TrainingFailedError as exc:
         raise TrainingFailed(f"{failure_prefix}{cfg.stage} run {run.name!r} failed: {worker_message(exc)} "
                              f"(checkpoints and logs under {run.uri})") from exc
+    finally:
+        stats = trainer.train_loop_config.get("data_stats") if isinstance(trainer.train_loop_config, dict) else ""
+        if stats:
+            from biflow.data.pipeline import release_data_stats
+
+            release_data_stats(stats)
 
 
 def worker_message(exc: BaseException) -> str:
