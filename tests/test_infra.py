@@ -320,6 +320,20 @@ def test_gpu8_placement_group_efa_launch_templates(hcl):
     assert unwrap(unwrap(repo["image_scanning_configuration"])["scan_on_push"]) is True
 
 
+def test_spot_service_linked_role_is_created_unless_the_account_has_it(hcl):
+    (slr,) = resources(hcl, "aws_iam_service_linked_role").values()
+    assert unwrap(slr["aws_service_name"]) == "spot.amazonaws.com"
+    assert unwrap(slr["count"]) == "${var.create_spot_service_linked_role ? 1 : 0}"
+    root = {n: b for blk in hcl[AWS / "variables.tf"]["variable"] for n, b in blk.items()}
+    var = root["create_spot_service_linked_role"]
+    assert unwrap(var["type"]) in ("bool", "${bool}") and unwrap(var["default"]) is True
+    assert "false" in unwrap(var["description"]) and "AWSServiceRoleForEC2Spot" in unwrap(var["description"])
+    iam = next(b["iam"] for b in hcl[AWS / "main.tf"]["module"] if "iam" in b)
+    assert unwrap(iam["create_spot_service_linked_role"]) == "${var.create_spot_service_linked_role}"
+    example = load_hcl(AWS / "terraform.tfvars.example")
+    assert unwrap(example["create_spot_service_linked_role"]) is True
+
+
 EKS_MODULES = {"eks": ("terraform-aws-modules/eks/aws", "20.37.1"),
                "karpenter": ("terraform-aws-modules/eks/aws//modules/karpenter", "20.37.1")}
 
