@@ -122,7 +122,7 @@ output "karpenter_node_role_name" {
 }
 
 output "karpenter_queue_name" {
-  description = "Spot interruption queue for the Karpenter chart (settings.interruptionQueue; null without EKS)."
+  description = "Interruption queue (spot warnings, rebalance, state changes, scheduled changes) for the Karpenter chart: --set settings.interruptionQueue=<this> (null without EKS)."
   value       = var.enable_eks ? module.eks[0].karpenter_queue_name : null
 }
 
