@@ -317,6 +317,47 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
     assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
 
 
+def _ray_pod_templates() -> dict[str, dict]:
+    """Every Ray pod template (head and worker groups) of raycluster.yaml and rayjob.yaml."""
+    found = {}
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        (doc,) = list(yaml.safe_load_all((KUBERAY / f).read_text()))
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        found[f"{f}:head"] = spec["headGroupSpec"]["template"]
+        for g in spec["workerGroupSpecs"]:
+            found[f"{f}:{g['groupName']}"] = g["template"]
+    return found
+
+
+def test_karpenter_does_not_disrupt_running_training():
+    docs = list(yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text()))
+    (nodeclass,) = [d for d in docs if d["kind"] == "EC2NodeClass"]
+    (ami,) = nodeclass["spec"]["amiSelectorTerms"]
+    assert re.fullmatch(r"al2023@v20\d{6}", ami["alias"]), f"pinned AMI release, not {ami['alias']}"
+    assert "amazon-eks-ami/releases" in (KUBERAY / "karpenter.yaml").read_text(), "says how to bump it"
+    pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NodePool"}
+    for name, p in pools.items():
+        d = p["disruption"]
+        assert d["consolidationPolicy"] == "WhenEmpty" and d["consolidateAfter"] == "10m", name
+        budgets = d["budgets"]
+        assert {"nodes": "10%"} in budgets, f"{name}: at most 10% of the pool's nodes at a time, every reason"
+        gpu = p["template"]["metadata"]["labels"]["biflow/role"] == "gpu"
+        frozen = [b for b in budgets if b["nodes"] in ("0", "0%")]
+        if gpu:
+            # a busy GPU node is never replaced for a new AMI or for underuse, and never expires
+            assert [set(b["reasons"]) for b in frozen] == [{"Drifted", "Underutilized"}], name
+            assert p["template"]["spec"]["expireAfter"] == "Never", f"{name}: v1 expiration ignores do-not-disrupt"
+        else:
+            assert frozen == [] and p["template"]["spec"]["expireAfter"] == "720h", name
+        for b in budgets:
+            assert set(b.get("reasons", [])) <= {"Drifted", "Underutilized", "Empty"}, name
+    # every Ray pod: Karpenter leaves its node alone (consolidation, drift) while it runs
+    templates = _ray_pod_templates()
+    assert len(templates) >= 6 and {"raycluster.yaml:head", "rayjob.yaml:head"} <= set(templates)
+    for where, t in templates.items():
+        assert t["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true", where
+
+
 # ---- requests fit the instance types Terraform and Karpenter create ------------------
 
 # EC2 facts: vCPUs, GiB, GPUs, EFA-capable network cards, ENI-based max pods (EKS eni-max-pods).
