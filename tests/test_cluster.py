@@ -41,6 +41,7 @@ FAKE_TF_OUTPUTS = {
     "gpu8_a100_launch_template_id": "lt-0a100",
     "gpu8_h100_launch_template_id": "lt-0h100",
     "image": f"123456789012.dkr.ecr.us-west-2.amazonaws.com/biflow-test:{IMAGE_TAG}",
+    "image_efa": f"123456789012.dkr.ecr.us-west-2.amazonaws.com/biflow-test:{IMAGE_TAG}-efa",
     "ecr_registry": "123456789012.dkr.ecr.us-west-2.amazonaws.com",
     "eks_cluster_name": None,  # enable_eks = false: unused by aws.yaml
 }
@@ -154,15 +155,15 @@ def test_aws_head_is_reached_through_ssm():
                                          "--document-name AWS-StartSSHSession --parameters portNumber=%p")
 
 
-def test_aws_8gpu_types_set_efa_and_nccl_env():
+def test_aws_8gpu_types_run_the_efa_image():
     nodes = load("aws.yaml")["available_node_types"]
     for tname in ("gpu-8x-a100-spot", "gpu-8x-a100-ondemand", "gpu-8x-h100-ondemand"):
-        opts = nodes[tname]["docker"]["worker_run_options"]
-        assert "--device=/dev/infiniband" in opts and "--ulimit memlock=-1:-1" in opts, tname
-        env = dict(o.removeprefix("--env ").split("=", 1) for o in opts if o.startswith("--env "))
-        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", tname
-        assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker", tname
-        assert env["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"), tname
+        docker = nodes[tname]["docker"]
+        # libfabric, aws-ofi-nccl and the FI_*/NCCL_* environment come with the image
+        # (cluster/image/Dockerfile.efa), as on KubeRay; the host gives devices and memlock only
+        assert docker["worker_image"] == "{{image_efa}}", tname
+        assert docker["worker_run_options"] == ["--device=/dev/infiniband", "--ulimit memlock=-1:-1"], tname
+        assert "/opt/amazon" not in json.dumps(docker), f"{tname}: no host libfabric next to the image's"
     for tname in ("gpu-1x-a10g-spot", "cpu-data-spot"):
         assert "docker" not in nodes[tname], "EFA options only where EFA exists"
 
@@ -212,7 +213,7 @@ def test_aws_placeholders_are_terraform_outputs():
     assert needed == {"cluster_name", "region", "availability_zones", "bucket_name", "ami_id", "head_subnet_id",
                       "worker_subnet_ids", "cluster_security_group_id", "head_security_group_id",
                       "head_instance_profile_arn", "worker_instance_profile_arn", "gpu8_a100_launch_template_id",
-                      "gpu8_h100_launch_template_id", "image", "ecr_registry"}
+                      "gpu8_h100_launch_template_id", "image", "image_efa", "ecr_registry"}
     assert needed <= outputs, f"missing outputs: {needed - outputs}"
 
 
@@ -256,12 +257,11 @@ def test_raycluster_manifest():
     assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
     assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == 600
     groups = _check_cluster_spec(rc["spec"])
-    assert set(groups) == {"gpu-1x", "gpu-8x", "cpu-data"}
+    assert set(groups) == {"gpu-1x", "gpu-8x-a100", "gpu-8x-h100", "cpu-data"}
     gpus = {n: int(_containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu", 0)) for n, g in groups.items()}
-    assert gpus == {"gpu-1x": 1, "gpu-8x": 8, "cpu-data": 0}
-    assert groups["gpu-8x"]["maxReplicas"] == 4 and groups["gpu-1x"]["maxReplicas"] == 8
-    env8 = {e["name"]: e["value"] for e in _containers(groups["gpu-8x"]["template"])[0]["env"]}
-    assert env8["FI_PROVIDER"] == "efa" and env8["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert gpus == {"gpu-1x": 1, "gpu-8x-a100": 8, "gpu-8x-h100": 8, "cpu-data": 0}
+    assert groups["gpu-8x-a100"]["maxReplicas"] == 4 and groups["gpu-8x-h100"]["maxReplicas"] == 2
+    assert groups["gpu-1x"]["maxReplicas"] == 8
 
 
 def test_rayjob_manifest_runs_a_training_job():
@@ -279,7 +279,7 @@ def test_rayjob_manifest_runs_a_training_job():
     assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert "RAY_AUTH" not in json.dumps(spec["submitterPodTemplate"])
     groups = _check_cluster_spec(spec["rayClusterSpec"])
-    g8 = groups["gpu-8x"]
+    g8 = groups["gpu-8x-a100"]
     assert _containers(g8["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert g8["replicas"] * 8 == 16, "16 GPU workers = two 8-GPU pods at start"
 
@@ -293,7 +293,7 @@ def test_kuberay_gpu_nodes_get_the_device_plugin():
     assert pod["nodeSelector"] == {"biflow/role": "gpu"}
     pools = {d["metadata"]["name"]: d for d in yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text())
              if d["kind"] == "NodePool"}
-    for name in ("gpu-1x", "gpu-8x"):  # the plugin's selector matches every GPU pool
+    for name in ("gpu-1x", "gpu-8x-a100", "gpu-8x-h100"):  # the plugin's selector matches every GPU pool
         assert pools[name]["spec"]["template"]["metadata"]["labels"]["biflow/role"] == "gpu"
 
 
@@ -305,7 +305,7 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
     assert nodeclass["spec"]["blockDeviceMappings"][0]["ebs"]["encrypted"] is True
     assert nodeclass["spec"]["subnetSelectorTerms"] == [{"tags": {"karpenter.sh/discovery": "${CLUSTER_NAME}"}}]
     pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NodePool"}
-    assert set(pools) == {"gpu-1x", "gpu-8x", "cpu-data"}
+    assert set(pools) == {"gpu-1x", "gpu-8x-a100", "gpu-8x-h100", "cpu-data"}
     for name, p in pools.items():
         req = {r["key"]: r["values"] for r in p["template"]["spec"]["requirements"]}
         assert req["karpenter.sh/capacity-type"] == ["spot", "on-demand"], name
@@ -313,8 +313,9 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
         gpu = name.startswith("gpu-")
         taints = p["template"]["spec"].get("taints", [])
         assert (taints == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]) == gpu, name
-    zone = {r["key"]: r["values"] for r in pools["gpu-8x"]["template"]["spec"]["requirements"]}
-    assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
+    for name in ("gpu-8x-a100", "gpu-8x-h100"):
+        zone = {r["key"]: r["values"] for r in pools[name]["template"]["spec"]["requirements"]}
+        assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
 
 
 def _ray_pod_templates() -> dict[str, dict]:
@@ -364,6 +365,10 @@ def test_karpenter_does_not_disrupt_running_training():
 EC2 = {"m6i.2xlarge": (8, 32, 0, 0, 58), "m6i.8xlarge": (32, 128, 0, 0, 234), "m7i.8xlarge": (32, 128, 0, 0, 234),
        "g5.2xlarge": (8, 32, 1, 0, 58), "g6.2xlarge": (8, 32, 1, 0, 58), "m6i.2xlarge-head": (8, 32, 0, 0, 58),
        "p4d.24xlarge": (96, 1152, 8, 4, 737), "p5.48xlarge": (192, 2048, 8, 32, 100)}
+# EFA devices per instance type = EC2 DescribeInstanceTypes NetworkInfo.EfaInfo.MaximumEfaInterfaces
+# (one per network card; EC2 user guide, "Maximize network bandwidth on Amazon EC2 instances with
+# multiple network cards"). p5e/p5en are not in a pool yet; their counts are here for whoever adds them.
+EFA_DEVICES = {"p4d.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
 DAEMONSETS = (250, 512)  # aws-node, kube-proxy, pod identity agent, device plugins: CPU milli, MiB (generous)
 
 
@@ -432,10 +437,13 @@ def test_kuberay_requests_fit_the_node_types():
                 assert req["cpu"] <= cpu, f"{f} {name}: {req['cpu']}m CPU > {cpu}m allocatable on {itype}"
                 assert req["memory"] <= mem, f"{f} {name}: {req['memory']} MiB > {mem} MiB allocatable on {itype}"
                 assert req["nvidia.com/gpu"] <= gpus and req["vpc.amazonaws.com/efa"] <= efa, f"{f} {name} {itype}"
+                if gpus == 8:  # whole EFA nodes: every EFA device of the type, or NCCL leaves bandwidth idle
+                    assert req["vpc.amazonaws.com/efa"] == efa == EFA_DEVICES[itype], f"{f} {name} {itype}"
                 if gpus:  # GPU pods take whole GPUs of the node: no stranded GPU
                     assert gpus % max(req["nvidia.com/gpu"], 1) == 0 and req["nvidia.com/gpu"] > 0
                 checked.append((f, name, itype))
-    assert ("raycluster.yaml", "gpu-8x", "p4d.24xlarge") in checked and ("rayjob.yaml", "head", "m6i.2xlarge") in checked
+    assert ("raycluster.yaml", "gpu-8x-a100", "p4d.24xlarge") in checked
+    assert ("raycluster.yaml", "gpu-8x-h100", "p5.48xlarge") in checked and ("rayjob.yaml", "head", "m6i.2xlarge") in checked
     # the old sizes did not fit: 7 CPU / 28Gi on the old default g5.xlarge (4 vCPU / 16 GiB)
     EC2["g5.xlarge"] = (4, 16, 1, 0, 58)
     assert _allocatable("g5.xlarge")[0] < 7000 and _allocatable("g5.xlarge")[1] < 28 * 1024
@@ -527,7 +535,39 @@ def test_image_pins_match_pyproject_and_lock():
     assert unwrap(tf_vars["image_tag"]["default"]) == IMAGE_TAG
     for f in ("raycluster.yaml", "rayjob.yaml"):
         images = set(re.findall(r"image: (\S+)", (KUBERAY / f).read_text()))
-        assert images == {f"biflow:{IMAGE_TAG}"}, f
+        assert images == {f"biflow:{IMAGE_TAG}", f"biflow:{IMAGE_TAG}-efa"}, f
+
+
+def test_efa_image_variant_and_who_runs_it():
+    efa = (IMAGE / "Dockerfile.efa").read_text()
+    assert re.search(r"^ARG BASE_IMAGE\nFROM \$\{BASE_IMAGE\}$", efa, re.M), "built on the one biflow image"
+    (version,) = re.findall(r"^ARG EFA_INSTALLER_VERSION=(\S+)$", efa, re.M)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), "a pinned installer release, not latest"
+    assert "https://efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" in efa
+    (install,) = re.findall(r"\./efa_installer\.sh ([^\\\n]+)", efa)
+    assert set(install.split()) == {"-y", "--skip-kmod", "--skip-limit-conf", "--no-verify"}
+    assert "libnccl-net" in efa and "fi_info --version" in efa, "the build fails without the plugin or libfabric"
+    env = dict(re.findall(r"^\s*(?:ENV )?([A-Z_]+)=(\S+?)(?: \\)?$", efa[efa.rindex("\nENV "):], re.M))
+    assert env["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib:")
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["FI_EFA_USE_HUGE_PAGE"] == "0", "no hugepages-2Mi requests (Karpenter cannot launch for them)"
+    assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    assert efa.rstrip().splitlines()[-1].strip().startswith("NCCL_DEBUG=") and "USER ray" in efa
+    assert efa.index("USER root") < efa.index("efa_installer.sh") < efa.index("USER ray"), "back to Ray's user"
+    # tagged <image>-efa: Terraform's output, the launcher's 8-GPU types, KubeRay's EFA pods
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    outputs = {n: b for blk in load_hcl(AWS / "outputs.tf")["output"] for n, b in blk.items()}
+    assert unwrap(outputs["image_efa"]["value"]) == "${module.registry.repository_url}:${var.image_tag}-efa"
+    assert unwrap(outputs["image"]["value"]) + "-efa" == unwrap(outputs["image_efa"]["value"])
+    readme = (IMAGE / "README.md").read_text()
+    assert 'docker build -f cluster/image/Dockerfile.efa --build-arg BASE_IMAGE="$IMAGE" -t "$IMAGE-efa" .' in readme
+    for where, t in _ray_pod_templates().items():
+        (c,) = t["spec"]["containers"]
+        efa_devices = int(c["resources"]["requests"].get("vpc.amazonaws.com/efa", 0))
+        expected = f"biflow:{IMAGE_TAG}-efa" if efa_devices else f"biflow:{IMAGE_TAG}"
+        assert c["image"] == expected, where
+        assert efa_devices == 0 or "FI_PROVIDER" not in json.dumps(c.get("env", [])), f"{where}: the image sets it"
 
 
 def test_readme_documents_the_workflow():
@@ -772,7 +812,8 @@ def moto_bootstrap(tmp_path_factory):
                        "head_security_group_id": sg["head"], "head_instance_profile_arn": profiles["head"],
                        "worker_instance_profile_arn": profiles["worker"], "ami_id": ami,
                        "gpu8_a100_launch_template_id": lts["a100"], "gpu8_h100_launch_template_id": lts["h100"],
-                       "ecr_registry": registry, "image": f"{registry}/{name}:{IMAGE_TAG}"}
+                       "ecr_registry": registry, "image": f"{registry}/{name}:{IMAGE_TAG}",
+                       "image_efa": f"{registry}/{name}:{IMAGE_TAG}-efa"}
             sgs_before = len(ec2.describe_security_groups()["SecurityGroups"])
             prepared = ray_validate(fill(load("aws.yaml"), outputs))
             booted = bootstrap_aws(prepared)

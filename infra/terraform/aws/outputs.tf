@@ -76,6 +76,11 @@ output "image" {
   value       = "${module.registry.repository_url}:${var.image_tag}"
 }
 
+output "image_efa" {
+  description = "The EFA variant of the image (cluster/image/Dockerfile.efa: + libfabric, aws-ofi-nccl) that the 8-GPU nodes run."
+  value       = "${module.registry.repository_url}:${var.image_tag}-efa"
+}
+
 output "ecr_registry" {
   description = "Registry host of the image, for `docker login` on the nodes."
   value       = split("/", module.registry.repository_url)[0]
