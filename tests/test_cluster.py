@@ -284,6 +284,42 @@ def test_rayjob_manifest_runs_a_training_job():
     assert g8["replicas"] * 8 == 16, "16 GPU workers = two 8-GPU pods at start"
 
 
+def _sed_expressions(text: str) -> list[tuple[str, str]]:
+    """The `-e "s#pattern#replacement#"` expressions of a documented sed command."""
+    return [(pat, rep) for pat, rep, _ in re.findall(r'-e "s#([^#]+)#([^#]*)#(g?)"', text)]
+
+
+def _substituted(manifest: str, how_to: str, values: dict[str, str]) -> dict:
+    text = (KUBERAY / manifest).read_text()
+    exprs = _sed_expressions(how_to)
+    assert exprs, f"no sed command for {manifest}"
+    for pat, rep in exprs:
+        for var, value in values.items():
+            rep = rep.replace(f"${var}", value)
+        text = re.sub(pat, lambda _m, r=rep: r, text)
+    (doc,) = list(yaml.safe_load_all(text))
+    return doc
+
+
+def test_kuberay_ray_containers_get_aws_region_and_the_documented_substitution_fills_all():
+    values = {"IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/biflow:" + IMAGE_TAG,
+              "BUCKET": "my-bucket", "REGION": "eu-west-1"}
+    readme = (CLUSTER / "README.md").read_text()
+    assert 'REGION="$($TF region)"' in readme
+    how_to = {"raycluster.yaml": readme[readme.index("IMAGE=\"$($TF image)\""):],
+              "rayjob.yaml": (KUBERAY / "rayjob.yaml").read_text().split("\napiVersion")[0]}
+    for manifest, doc in ((m, _substituted(m, h, values)) for m, h in how_to.items()):
+        dumped = json.dumps(doc)
+        assert "s3://BUCKET" not in dumped and '"REGION"' not in dumped, f"{manifest}: a placeholder is left"
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for t in templates:
+            for c in t["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["AWS_REGION"] == "eu-west-1", f"{manifest}: {c['name']}"
+                assert c["image"] in (values["IMAGE"], values["IMAGE"] + "-efa"), c["image"]
+
+
 def test_kuberay_gpu_nodes_get_the_device_plugin():
     (ds,) = list(yaml.safe_load_all((KUBERAY / "nvidia-device-plugin.yaml").read_text()))
     assert ds["kind"] == "DaemonSet" and ds["metadata"]["namespace"] == "kube-system"
@@ -534,7 +570,7 @@ def test_image_pins_match_pyproject_and_lock():
     tf_vars = {n: b for blk in load_hcl(AWS / "variables.tf")["variable"] for n, b in blk.items()}
     assert unwrap(tf_vars["image_tag"]["default"]) == IMAGE_TAG
     for f in ("raycluster.yaml", "rayjob.yaml"):
-        images = set(re.findall(r"image: (\S+)", (KUBERAY / f).read_text()))
+        images = set(re.findall(r"^\s+image: (\S+)", (KUBERAY / f).read_text(), re.M))  # not the comments
         assert images == {f"biflow:{IMAGE_TAG}", f"biflow:{IMAGE_TAG}-efa"}, f
 
 
