@@ -168,13 +168,33 @@ def test_aws_8gpu_types_run_the_efa_image():
         assert "docker" not in nodes[tname], "EFA options only where EFA exists"
 
 
-def test_gcp_workers_have_no_external_ip():
-    nodes = load("gcp.yaml")["available_node_types"]
-    assert nodes["head"]["node_config"]["networkInterfaces"][0]["accessConfigs"][0]["type"] == "ONE_TO_ONE_NAT"
+def test_gcp_nodes_have_no_external_ip_and_the_head_is_reached_through_iap():
+    cfg = load("gcp.yaml")
+    assert cfg["provider"]["use_internal_ips"] is True
+    nodes = cfg["available_node_types"]
     for tname, t in nodes.items():
+        assert all("accessConfigs" not in ni for ni in t["node_config"]["networkInterfaces"]), tname
         if tname != "head":
-            assert all("accessConfigs" not in ni for ni in t["node_config"]["networkInterfaces"]), tname
             assert t["node_config"]["serviceAccounts"][0]["email"] == "{{gcp_worker_service_account}}"
+    auth = cfg["auth"]
+    assert auth["ssh_proxy_use_node_id"] is True  # %h is the instance name, Ray's GCP node id
+    assert auth["ssh_proxy_command"] == ("gcloud compute start-iap-tunnel %h %p --listen-on-stdin "
+                                         "--zone={{gcp_zone}} --project={{gcp_project_id}}")
+    header = (CLUSTER / "gcp.yaml").read_text().split("\ncluster_name:")[0]
+    assert "35.235.240.0/20" in header and "0.0.0.0/0" not in header, "SSH only from IAP's range"
+
+
+def test_gcp_image_has_a_driver_for_cuda_13():
+    nodes = load("gcp.yaml")["available_node_types"]
+    for tname, t in nodes.items():
+        for disk in t["node_config"]["disks"]:
+            image = disk["initializeParams"]["sourceImage"]
+            family = re.fullmatch(r"projects/deeplearning-platform-release/global/images/family/(\S+)", image)
+            assert family, f"{tname}: a Deep Learning VM family, not {image}"
+            driver = re.search(r"-nvidia-(\d+)$", family.group(1))
+            assert driver and int(driver.group(1)) >= 580, f"{tname}: CUDA 13.0 needs driver >= 580, {image}"
+        items = {i["key"]: i["value"] for i in t["node_config"]["metadata"]["items"]}
+        assert items["install-nvidia-driver"] == "True", tname
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
