@@ -684,13 +684,20 @@ def test_render_gcp_from_plain_values(tmp_path):
               "gcp_project_id": "my-project", "gcp_subnetwork": "projects/my-project/regions/us-central1/subnetworks/ray",
               "gcp_head_service_account": "ray-head@my-project.iam.gserviceaccount.com",
               "gcp_worker_service_account": "ray-worker@my-project.iam.gserviceaccount.com",
-              "gcp_bucket": "my-biflow", "gcp_image": f"us-docker.pkg.dev/my-project/biflow/biflow:{IMAGE_TAG}"}
+              "gcp_bucket": "my-biflow", "gcp_image": f"us-docker.pkg.dev/my-project/biflow/biflow:{IMAGE_TAG}",
+              "gcp_ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly biflow"}
     vals = tmp_path / "values.json"
     vals.write_text(json.dumps(values))  # plain {name: value} is accepted too
     cfg = yaml.safe_load(render(vals, tmp_path, provider="gcp").read_text())
     ray_validate(cfg)
     assert cfg["provider"]["project_id"] == "my-project"
     assert cfg["available_node_types"]["head"]["node_config"]["tags"]["items"] == ["biflow-ray", "biflow-ray-head"]
+    # SSH: Ray's own project-wide key would be blocked; every node accepts the one given key
+    assert cfg["auth"]["ssh_private_key"] == "~/.ssh/biflow-gcp"
+    for name, t in cfg["available_node_types"].items():
+        items = {i["key"]: i["value"] for i in t["node_config"]["metadata"]["items"]}
+        assert items["block-project-ssh-keys"] == "TRUE" and items["enable-oslogin"] == "FALSE", name
+        assert items["ssh-keys"] == "ubuntu:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly biflow", name
 
 
 def test_render_reports_missing_outputs_by_name(tmp_path):
