@@ -122,6 +122,34 @@ def test_spot_types_have_on_demand_fallback_and_win_ties(name):
             assert nodes[od]["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
+SCORER = "biflow.fleet.scorer.spot_fallback_scorer"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_head_autoscaler_uses_the_spot_fallback_scorer(name):
+    import importlib.util
+
+    from ray.autoscaler._private.constants import AUTOSCALER_UTILIZATION_SCORER_KEY
+
+    cfg = load(name)
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    # the variable Ray's v1 ResourceDemandScheduler reads, set for `ray start --head` (whose
+    # monitor process runs the autoscaler), and nowhere on the workers
+    assert f"{AUTOSCALER_UTILIZATION_SCORER_KEY}={SCORER} ray start --head" in start
+    assert SCORER not in json.dumps(cfg["worker_start_ray_commands"] + cfg["setup_commands"])
+    if importlib.util.find_spec("biflow.fleet") and importlib.util.find_spec("biflow.fleet.scorer"):
+        from ray.autoscaler._private.loader import load_function_or_class
+
+        assert callable(load_function_or_class(SCORER))
+    # the docs say what falls back, and no longer that Ray does it by name
+    text = (CLUSTER / name).read_text()
+    assert SCORER in text.split("available_node_types:")[0]
+    readme = (CLUSTER / "README.md").read_text()
+    for doc in (text, readme):
+        assert "skips that type for a while" not in doc and "stops\n# choosing a type" not in doc
+    assert "node_availability_summary" in readme and SCORER in readme
+
+
 def test_aws_nodes_imdsv2_encrypted_disks_private_everywhere():
     cfg = load("aws.yaml")
     assert cfg["provider"]["cache_stopped_nodes"] is False
