@@ -150,6 +150,39 @@ def test_head_autoscaler_uses_the_spot_fallback_scorer(name):
     assert "node_availability_summary" in readme and SCORER in readme
 
 
+def test_aws_workers_watch_for_spot_notices_in_the_background(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    cmds = load("aws.yaml")["worker_start_ray_commands"]
+    start = next(i for i, c in enumerate(cmds) if "ray start --address" in c)
+    (watch,) = [c for c in cmds if "biflow.fleet.spot_notice" in c]
+    assert cmds.index(watch) > start, "after ray start: it drains the running node"
+    assert watch.endswith("{ nohup python -m biflow.fleet.spot_notice watch > /tmp/ray/spot-notice.log 2>&1"
+                          " < /dev/null & }")
+    assert "spot_notice" not in json.dumps(load("aws.yaml")["head_start_ray_commands"]), "workers only"
+    # run it as Ray does (bash -c) with a python that records its arguments and lingers: the command
+    # returns at once, the watcher keeps running, its output goes to the log
+    home, bin_, log_dir = tmp_path / "home", tmp_path / "bin", tmp_path / "ray"
+    for d in (home, bin_, log_dir):
+        d.mkdir()
+    (home / ".biflow-env").write_text("export RAY_AUTH_MODE=token\n")
+    (bin_ / "python").write_text('#!/bin/bash\necho "$RAY_AUTH_MODE $*" > "$ARGS"; echo watching; sleep 3\n')
+    (bin_ / "python").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_}:{os.environ['PATH']}", "ARGS": str(tmp_path / "args")}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "-c", watch.replace("/tmp/ray/", f"{log_dir}/")], env=env, timeout=10,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 2.5, "backgrounded, ray start's step is not held"
+    for _ in range(50):
+        if (tmp_path / "args").exists() and (log_dir / "spot-notice.log").read_text():
+            break
+        time.sleep(0.1)
+    assert (tmp_path / "args").read_text().split() == ["token", "-m", "biflow.fleet.spot_notice", "watch"]
+    assert (log_dir / "spot-notice.log").read_text() == "watching\n"
+
+
 def test_aws_nodes_imdsv2_encrypted_disks_private_everywhere():
     cfg = load("aws.yaml")
     assert cfg["provider"]["cache_stopped_nodes"] is False
