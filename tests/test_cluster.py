@@ -401,6 +401,23 @@ def test_kuberay_ray_containers_get_aws_region_and_the_documented_substitution_f
                 assert c["image"] in (values["IMAGE"], values["IMAGE"] + "-efa"), c["image"]
 
 
+def test_kuberay_gpu_workers_drain_ray_before_they_stop():
+    drain = ["python", "-m", "biflow.fleet.spot_notice", "drain", "--deadline-s", "110", "--wait"]
+    gpu_groups = 0
+    for where, t in _ray_pod_templates().items():
+        (c,) = t["spec"]["containers"]
+        if where.endswith(":head") or not int(c["resources"]["requests"].get("nvidia.com/gpu", 0)):
+            continue
+        gpu_groups += 1
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert command == drain, where
+        grace = t["spec"]["terminationGracePeriodSeconds"]
+        deadline = int(command[command.index("--deadline-s") + 1])
+        # the kubelet kills the pod at the grace period: the drain's deadline must end before it
+        assert grace >= 120 and deadline + 10 <= grace, where
+    assert gpu_groups == 4  # raycluster: gpu-1x, gpu-8x-a100, gpu-8x-h100; rayjob: gpu-8x-a100
+
+
 def test_kuberay_gpu_nodes_get_the_device_plugin():
     (ds,) = list(yaml.safe_load_all((KUBERAY / "nvidia-device-plugin.yaml").read_text()))
     assert ds["kind"] == "DaemonSet" and ds["metadata"]["namespace"] == "kube-system"
