@@ -266,7 +266,7 @@ def test_nodes_run_the_pinned_image_and_keep_token_auth(name):
     setup = "\n".join(cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
     assert "pip install" not in setup and "uv " not in setup, "nothing is installed at node start"
     assert "~/biflow-dist" not in cfg["file_mounts"]
-    assert "export BIFLOW_BUCKET=" in setup and "export RAY_AUTH_MODE=token" in setup
+    assert "export BIFLOW_STORAGE=" in setup and "export RAY_AUTH_MODE=token" in setup
     scheme = "s3://" if name == "aws.yaml" else "gs://"
     assert f'"{scheme}{{{{' in setup  # the bucket comes from a placeholder
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
@@ -280,6 +280,66 @@ def test_nodes_run_the_pinned_image_and_keep_token_auth(name):
         (login,) = cfg["initialization_commands"]
         assert login == ("aws ecr get-login-password --region {{region}} | "
                          "docker login --username AWS --password-stdin {{ecr_registry}}")
+
+
+def _node_env(cfg: dict, tmp_path: Path) -> dict[str, str]:
+    """Run a rendered config's setup commands as the node does, then read ~/.biflow-env back."""
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("not-a-real-token")
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    for cmd in cfg["setup_commands"]:
+        subprocess.run(["bash", "-c", cmd], env=env, check=True, timeout=10)
+    out = subprocess.run(["bash", "-c", "set -a; source ~/.biflow-env; env -0"], env=env, check=True,
+                         capture_output=True, text=True, timeout=10).stdout
+    assert oct((home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
+    return dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
+
+
+def test_launcher_node_environment(tmp_path):
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    from biflow.cluster import render
+
+    assert WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    tf = tmp_path / "tf.json"
+    tf.write_text(tf_json(FAKE_TF_OUTPUTS))
+    aws = _node_env(yaml.safe_load(render(tf, tmp_path / "out").read_text()), tmp_path / "aws")
+    bucket = FAKE_TF_OUTPUTS["bucket_name"]
+    assert aws["BIFLOW_DATA_URI"] == f"s3://{bucket}/shards" and aws["BIFLOW_STORAGE"] == f"s3://{bucket}/checkpoints"
+    assert aws["AWS_DEFAULT_REGION"] == "us-west-2" and aws["RAY_AUTH_MODE"] == "token"
+    assert aws[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600", "production: autoscaled GPU nodes need minutes"
+    assert "BIFLOW_BUCKET" not in aws, "nothing reads it"
+    values = {"cluster_name": "biflow", "gcp_region": "us-central1", "gcp_zone": "us-central1-a",
+              "gcp_project_id": "p", "gcp_subnetwork": "s", "gcp_head_service_account": "h@p.iam.gserviceaccount.com",
+              "gcp_worker_service_account": "w@p.iam.gserviceaccount.com", "gcp_bucket": "my-biflow",
+              "gcp_image": f"us-docker.pkg.dev/p/biflow/biflow:{IMAGE_TAG}", "gcp_ssh_public_key": "ssh-ed25519 AAAA k"}
+    (tmp_path / "values.json").write_text(json.dumps(values))
+    gcp = _node_env(yaml.safe_load(render(tmp_path / "values.json", tmp_path / "g", provider="gcp").read_text()),
+                    tmp_path / "gcp")
+    assert gcp["BIFLOW_DATA_URI"] == "gs://my-biflow/shards" and gcp["BIFLOW_STORAGE"] == "gs://my-biflow/checkpoints"
+    assert gcp[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600" and "BIFLOW_BUCKET" not in gcp
+    # ray start runs with this environment on every node (head and workers)
+    for name in ("aws.yaml", "gcp.yaml"):
+        cfg = load(name)
+        for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+            if "ray start" in cmd:
+                assert cmd.startswith("source ~/.biflow-env && "), name
+
+
+def test_kuberay_ray_containers_environment():
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    for where, t in _ray_pod_templates().items():
+        for c in t["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["BIFLOW_DATA_URI"] == "s3://BUCKET/shards", where
+            assert env["BIFLOW_STORAGE"] == "s3://BUCKET/checkpoints", where
+            assert env[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600", where
+            assert "BIFLOW_BUCKET" not in env, where
 
 
 def test_aws_placeholders_are_terraform_outputs():

@@ -22,7 +22,7 @@ output "bucket_name" {
 }
 
 output "bucket_uri" {
-  description = "s3:// URI of the bucket (exported as BIFLOW_BUCKET on every node)."
+  description = "s3:// URI of the bucket (the nodes get its shards/ and checkpoints/ as BIFLOW_DATA_URI and BIFLOW_STORAGE)."
   value       = "s3://${module.storage.bucket_name}"
 }
 
