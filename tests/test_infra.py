@@ -320,6 +320,20 @@ def test_gpu8_placement_group_efa_launch_templates(hcl):
     assert unwrap(unwrap(repo["image_scanning_configuration"])["scan_on_push"]) is True
 
 
+def test_spot_service_linked_role_is_created_unless_the_account_has_it(hcl):
+    (slr,) = resources(hcl, "aws_iam_service_linked_role").values()
+    assert unwrap(slr["aws_service_name"]) == "spot.amazonaws.com"
+    assert unwrap(slr["count"]) == "${var.create_spot_service_linked_role ? 1 : 0}"
+    root = {n: b for blk in hcl[AWS / "variables.tf"]["variable"] for n, b in blk.items()}
+    var = root["create_spot_service_linked_role"]
+    assert unwrap(var["type"]) in ("bool", "${bool}") and unwrap(var["default"]) is True
+    assert "false" in unwrap(var["description"]) and "AWSServiceRoleForEC2Spot" in unwrap(var["description"])
+    iam = next(b["iam"] for b in hcl[AWS / "main.tf"]["module"] if "iam" in b)
+    assert unwrap(iam["create_spot_service_linked_role"]) == "${var.create_spot_service_linked_role}"
+    example = load_hcl(AWS / "terraform.tfvars.example")
+    assert unwrap(example["create_spot_service_linked_role"]) is True
+
+
 EKS_MODULES = {"eks": ("terraform-aws-modules/eks/aws", "20.37.1"),
                "karpenter": ("terraform-aws-modules/eks/aws//modules/karpenter", "20.37.1")}
 
@@ -362,6 +376,55 @@ def test_eks_uses_pinned_terraform_aws_modules_with_checked_inputs(hcl):
                   if unwrap(b["policy_arn"]) in ("${var.data_access_policy_arn}", "${aws_iam_policy.data.arn}")}
     assert data_roles == {"${aws_iam_role.ray_pods.name}", "${aws_iam_role.head.name}", "${aws_iam_role.worker.name}"}
     assert "node_iam_role_additional_policies" not in karp
+
+
+def test_karpenter_interruption_queue_rules_and_policy(hcl):
+    (queue,) = resources(hcl, "aws_sqs_queue").values()
+    assert unwrap(queue["sqs_managed_sse_enabled"]) is True, "encrypted at rest"
+    assert unwrap(queue["name"]) == "${local.interruption_queue_name}"
+    (eks_doc,) = [d for p, d in hcl.items() if p.as_posix().endswith("modules/eks/interruption.tf")]
+    events = unwrap(unwrap(eks_doc["locals"])["interruption_events"])
+    # the four event kinds Karpenter consumes (its CloudFormation template's patterns)
+    assert {(unwrap(e["source"]), unwrap(e["detail_type"])) for e in events.values()} == {
+        ("aws.health", "AWS Health Event"),
+        ("aws.ec2", "EC2 Spot Instance Interruption Warning"),
+        ("aws.ec2", "EC2 Instance Rebalance Recommendation"),
+        ("aws.ec2", "EC2 Instance State-change Notification")}
+    (rule,) = resources(hcl, "aws_cloudwatch_event_rule").values()
+    assert unwrap(rule["for_each"]) == "${local.interruption_events}"
+    pattern = unwrap(rule["event_pattern"]).replace(" ", "").replace("\n", "")
+    assert "source=[each.value.source]" in pattern and "detail-type=[each.value.detail_type]" in pattern
+    (target,) = resources(hcl, "aws_cloudwatch_event_target").values()
+    assert unwrap(target["for_each"]) == "${local.interruption_events}"
+    assert unwrap(target["arn"]) == "${aws_sqs_queue.interruption.arn}"
+    assert unwrap(target["rule"]) == "${aws_cloudwatch_event_rule.interruption[each.key].name}"
+    # the queue policy: only these rules send (EventBridge, by rule ARN); no plain-HTTP use
+    (qp,) = resources(hcl, "aws_sqs_queue_policy").values()
+    assert unwrap(qp["policy"]) == "${data.aws_iam_policy_document.interruption_queue.json}"
+    (doc,) = [b for k, b in data_sources(hcl, "aws_iam_policy_document").items() if k.endswith(":interruption_queue")]
+    stmts = {unwrap(s["sid"]): s for s in blocks(doc, "statement")}
+    send = stmts["TheseEventBridgeRulesSend"]
+    assert unwrap(send["actions"]) == "sqs:SendMessage" and "effect" not in send
+    assert unwrap(unwrap(send["principals"])["identifiers"]) == "events.amazonaws.com"
+    cond = unwrap(send["condition"])
+    assert unwrap(cond["variable"]) == "aws:SourceArn" and "aws_cloudwatch_event_rule.interruption" in unwrap(cond["values"])
+    deny = stmts["DenyInsecureTransport"]
+    assert unwrap(deny["effect"]) == "Deny" and unwrap(unwrap(deny["condition"])["variable"]) == "aws:SecureTransport"
+    # Karpenter reads this queue (not the module's own, which is off) and may only receive/delete
+    (main,) = [d for p, d in hcl.items() if p.as_posix().endswith("modules/eks/main.tf")]
+    karp = next(b["karpenter"] for b in main["module"] if "karpenter" in b)
+    assert unwrap(karp["enable_spot_termination"]) is False
+    grant = unwrap(karp["iam_policy_statements"])  # one statement
+    assert sorted(unwrap(grant["actions"])) == ["sqs:DeleteMessage", "sqs:GetQueueUrl", "sqs:ReceiveMessage"]
+    assert unwrap(grant["resources"]) == "${aws_sqs_queue.interruption.arn}"
+    # its name reaches the root output that the README's helm command reads
+    (eks_out,) = [d for p, d in hcl.items() if p.as_posix().endswith("modules/eks/outputs.tf")]
+    outs = {n: b for blk in eks_out["output"] for n, b in blk.items()}
+    assert unwrap(outs["karpenter_queue_name"]["value"]) == "${aws_sqs_queue.interruption.name}"
+    root = {n: b for blk in hcl[AWS / "outputs.tf"]["output"] for n, b in blk.items()}
+    assert "module.eks[0].karpenter_queue_name" in unwrap(root["karpenter_queue_name"]["value"])
+    readme = (ROOT / "cluster" / "README.md").read_text()
+    assert '--set settings.interruptionQueue="$($TF karpenter_queue_name)"' in readme
 
 
 def test_eks_version_default_is_in_standard_support(hcl):

@@ -74,6 +74,8 @@ module "iam" {
   vpc_arn             = module.network.vpc_arn
   placement_group_arn = module.gpu8.placement_group_arn
   ecr_repository_arn  = module.registry.repository_arn
+
+  create_spot_service_linked_role = var.create_spot_service_linked_role
 }
 
 module "eks" {

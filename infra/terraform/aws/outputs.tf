@@ -22,7 +22,7 @@ output "bucket_name" {
 }
 
 output "bucket_uri" {
-  description = "s3:// URI of the bucket (exported as BIFLOW_BUCKET on every node)."
+  description = "s3:// URI of the bucket (the nodes get its shards/ and checkpoints/ as BIFLOW_DATA_URI and BIFLOW_STORAGE)."
   value       = "s3://${module.storage.bucket_name}"
 }
 
@@ -76,6 +76,11 @@ output "image" {
   value       = "${module.registry.repository_url}:${var.image_tag}"
 }
 
+output "image_efa" {
+  description = "The EFA variant of the image (cluster/image/Dockerfile.efa: + libfabric, aws-ofi-nccl) that the 8-GPU nodes run."
+  value       = "${module.registry.repository_url}:${var.image_tag}-efa"
+}
+
 output "ecr_registry" {
   description = "Registry host of the image, for `docker login` on the nodes."
   value       = split("/", module.registry.repository_url)[0]
@@ -122,7 +127,7 @@ output "karpenter_node_role_name" {
 }
 
 output "karpenter_queue_name" {
-  description = "Spot interruption queue for the Karpenter chart (settings.interruptionQueue; null without EKS)."
+  description = "Interruption queue (spot warnings, rebalance, state changes, scheduled changes) for the Karpenter chart: --set settings.interruptionQueue=<this> (null without EKS)."
   value       = var.enable_eks ? module.eks[0].karpenter_queue_name : null
 }
 

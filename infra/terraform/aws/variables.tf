@@ -109,6 +109,12 @@ variable "force_destroy_bucket" {
   default     = false
 }
 
+variable "create_spot_service_linked_role" {
+  description = "Create the account's spot service-linked role (AWSServiceRoleForEC2Spot), without which every spot launch fails in an account that never ran spot. There is one per account and creating it twice fails: set false when `aws iam get-role --role-name AWSServiceRoleForEC2Spot` finds it (another stack, an earlier spot launch, the console)."
+  type        = bool
+  default     = true
+}
+
 variable "enable_eks" {
   description = "Also create an EKS cluster with a CPU node group (Ray head, KubeRay operator) and a GPU node group for KubeRay workers."
   type        = bool

@@ -4,8 +4,9 @@
 #    KMS key, control-plane logs, a small on-demand "system" node group for
 #    the KubeRay operator, Karpenter and the Ray head, and the Pod Identity
 #    agent add-on.
-#  - eks//modules/karpenter: the controller's IAM role (Pod Identity), the
-#    node role and the spot-interruption queue. GPU and data nodes come from
+#  - eks//modules/karpenter: the controller's IAM role (Pod Identity) and the
+#    node role; the interruption queue and its EventBridge rules are in
+#    interruption.tf. GPU and data nodes come from
 #    Karpenter NodePools (cluster/kuberay/karpenter.yaml), scale from zero,
 #    spot first with on-demand fallback.
 # Bucket access: a role that only the Ray pods' service account can assume
@@ -142,6 +143,15 @@ module "karpenter" {
 
   node_iam_role_use_name_prefix = false
   node_iam_role_name            = "${var.name}-karpenter-node"
+
+  # The interruption queue is interruption.tf's; the controller may read and
+  # delete its messages, nothing more.
+  enable_spot_termination = false
+  iam_policy_statements = [{
+    sid       = "ReadTheInterruptionQueue"
+    actions   = ["sqs:DeleteMessage", "sqs:GetQueueUrl", "sqs:ReceiveMessage"]
+    resources = [aws_sqs_queue.interruption.arn]
+  }]
 
   tags = var.tags
 }

@@ -14,8 +14,8 @@ output "karpenter_node_role_name" {
 }
 
 output "karpenter_queue_name" {
-  description = "SQS queue of spot interruption events (Karpenter's settings.interruptionQueue)."
-  value       = module.karpenter.queue_name
+  description = "SQS queue of interruption events (Karpenter's Helm value settings.interruptionQueue)."
+  value       = aws_sqs_queue.interruption.name
 }
 
 output "ray_pods_role_arn" {

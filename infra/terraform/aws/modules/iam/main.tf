@@ -238,3 +238,16 @@ resource "aws_iam_role_policy_attachment" "image_pull" {
   role       = each.value
   policy_arn = aws_iam_policy.image_pull.arn
 }
+
+# ---- spot service-linked role ----------------------------------------------
+# EC2 launches spot instances (the launcher's -spot types, Karpenter's spot
+# offerings) as AWSServiceRoleForEC2Spot. An account that never ran spot lacks
+# it, and every spot launch fails until it exists. There is one per account and
+# creating it twice fails: set create_spot_service_linked_role = false where it
+# already exists (`aws iam get-role --role-name AWSServiceRoleForEC2Spot`).
+
+resource "aws_iam_service_linked_role" "spot" {
+  count            = var.create_spot_service_linked_role ? 1 : 0
+  aws_service_name = "spot.amazonaws.com"
+  description      = "EC2 Spot launches for the ${var.name} fleet (Ray launcher and Karpenter)"
+}

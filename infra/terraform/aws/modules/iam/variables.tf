@@ -32,3 +32,9 @@ variable "ecr_repository_arn" {
   description = "ARN of the ECR repository of the biflow image; the only one nodes can pull from."
   type        = string
 }
+
+variable "create_spot_service_linked_role" {
+  description = "Create AWSServiceRoleForEC2Spot (one per account; false where it already exists)."
+  type        = bool
+  default     = true
+}
