@@ -131,7 +131,7 @@ class ReverseStage(ForwardStage):
         from biflow.train.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region, device,
-                                 key="train.forward_checkpoint")
+                                 key="train.forward_checkpoint", check=False)
         if loaded.stage != "forward":
             raise UserError(f"train.forward_checkpoint={run.forward_checkpoint!r} is a {loaded.stage} checkpoint "
                             f"({loaded.uri}); give a stage-1 (forward) run")
@@ -280,7 +280,7 @@ class Logger:
         from biflow.data import storage
 
         self.writer.flush()
-        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region)
+        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region, check=False)
         try:
             pafs.copy_files(str(self.log_dir), storage.join(path, "tensorboard"),
                             source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
