@@ -238,10 +238,10 @@ def _expand_size(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
-    uri: str = "runs/data/fashion-mnist"  # shard root: local path, file:// or s3://bucket/prefix
+    uri: str = "runs/data/fashion-mnist"  # shard root: local path, file://, s3:// or gs://bucket/prefix
     split: str = "train"
     eval_split: str = "test"
-    endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
+    endpoint: str = ""  # S3-compatible endpoint (http://127.0.0.1:9000) or a GCS emulator
     region: str = ""
     kind: Literal["pixels", "latents"] = "pixels"
     # latents: the frozen diffusers AutoencoderKL that decodes them (local folder or hub id);
@@ -315,7 +315,7 @@ class RayConfig:
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cpus_per_worker: float = 1.0
     max_failures: int = 2
-    storage: str = "runs"  # run storage: local dir or s3://bucket/prefix
+    storage: str = "runs"  # run storage: local dir, s3:// or gs://bucket/prefix
     storage_endpoint: str = ""
     # per-worker custom resources beside CPU/GPU (e.g. {"spot_gpu": 1}, or a node type's marker resource)
     resources_per_worker: dict[str, float] = field(default_factory=dict)

@@ -161,7 +161,7 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
                     key: str = "train.forward_checkpoint", check: bool = True) -> CheckpointRef:
     """Resolve ``ref`` to one checkpoint.
 
-    ``ref`` may be a checkpoint directory (local path or s3:// URI), a run
+    ``ref`` may be a checkpoint directory (local path, s3:// or gs:// URI), a run
     directory (the latest checkpoint in it is used) or a bare run name, looked
     up under ``storage_uri``. Errors name ``key`` and where it looked. ``check``
     asks first whether the bucket exists (quickly; see :func:`storage.resolve`).

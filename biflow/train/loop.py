@@ -64,7 +64,7 @@ class TrainState:
 @dataclass
 class RunInfo:
     name: str = "biflow"
-    storage: str = "runs"  # run storage root (local dir or s3://)
+    storage: str = "runs"  # run storage root (local dir, s3:// or gs://)
     endpoint: str = ""
     region: str = ""
     forward_checkpoint: str = ""  # resolved URI of the stage-1 checkpoint (reverse stage)
