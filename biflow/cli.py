@@ -108,8 +108,8 @@ def evaluate(
     checkpoint: str = typer.Argument(..., help="Reverse (or forward) run name, run dir or checkpoint URI."),
     out: Path = typer.Option(Path("runs/eval"), help="Output directory (results.json, PNG grids)."),
     forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
-    storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
-    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+    storage: str = typer.Option("", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
     num_samples: int = typer.Option(2000, help="Samples per sampler and guidance for FID and KID."),
     num_reference: int = typer.Option(10_000, help="Held-out images of the FID/KID reference, cached (0 = all)."),
     num_eval_images: int = typer.Option(1000, help="Held-out images for bits/dim and the PSNRs."),
@@ -144,8 +144,8 @@ def sample(
     guidance: float = typer.Option(0.0, help="Guidance scale w."),
     sampler: str = typer.Option("biflow", help="biflow (1 NFE) or exact (the flow's inverse + Tweedie)."),
     forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
-    storage: str = typer.Option("", help="Run storage to look run names up in (local dir or s3://...)."),
-    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+    storage: str = typer.Option("", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
     seed: int = typer.Option(0, help="Seed of the noise and the labels."),
     device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
 ) -> None:
@@ -276,12 +276,12 @@ def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
 @friendly_errors
 def prepare_data_cmd(
     source: str = typer.Argument("", help="Source folder (fashion-mnist: default /usr/share/datasets/fashion-mnist)."),
-    out: str = typer.Argument(..., help="Output root: local path, file:///path or s3://bucket/prefix."),
+    out: str = typer.Argument(..., help="Output root: local path, file:///path, s3:// or gs://bucket/prefix."),
     format: str = typer.Option(..., "--format", help="imagenet, folder or fashion-mnist."),
     image_size: int = typer.Option(0, help="Resize shorter side + centre crop to N (0 = keep source size)."),
     shard_size: float = typer.Option(128.0, "--shard-size", help="Target shard size in MB."),
     split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to convert (repeatable or comma list)."),
-    endpoint: str = typer.Option("", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000."),
+    endpoint: str = typer.Option("", help="Storage endpoint (S3-compatible or GCS emulator), e.g. http://127.0.0.1:9000."),
     region: str = typer.Option("", help="S3 region."),
     limit: int = typer.Option(0, help="Records per split (0 = all); a class-mixed prefix."),
     channels: int = typer.Option(0, help="1 (grayscale) or 3 (RGB); 0 = the format's default."),
@@ -301,13 +301,13 @@ def prepare_data_cmd(
 @friendly_errors
 def prepare_latents_cmd(
     source: str = typer.Argument(..., help="Image shard root (from prepare-data)."),
-    out: str = typer.Argument(..., help="Latent shard root: local path or s3://bucket/prefix."),
+    out: str = typer.Argument(..., help="Latent shard root: local path, s3:// or gs://bucket/prefix."),
     autoencoder: str = typer.Option(..., help="diffusers AutoencoderKL: local folder or hub id."),
     split: Optional[List[str]] = typer.Option(None, "--split", help="Splits (default: all of the source)."),
     image_size: int = typer.Option(0, help="Resize/crop images to N before encoding (0 = stored size)."),
     batch_size: int = typer.Option(32, help="Images per encoder call."),
     dtype: str = typer.Option("float16", help="Stored latent dtype: float16 or float32."),
-    endpoint: str = typer.Option("", help="S3-compatible endpoint."),
+    endpoint: str = typer.Option("", help="Storage endpoint (S3-compatible store or GCS emulator)."),
     region: str = typer.Option("", help="S3 region."),
     limit: int = typer.Option(0, help="Records per split (0 = all)."),
     force: bool = typer.Option(False, help="Rewrite even when up to date."),
@@ -377,7 +377,7 @@ def train(
     set_: Optional[List[str]] = SetOption,
     name: str = typer.Option("", help="Run name (default: the config's name). Rerunning a name resumes it."),
     storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
-                                help="Run storage: local dir or s3://bucket/prefix (default: $BIFLOW_STORAGE, which "
+                                help="Run storage: local dir, s3:// or gs://bucket/prefix (default: $BIFLOW_STORAGE, which "
                                      "the fleet's nodes set to their bucket, else ray.storage)."),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     workers: int = typer.Option(0, help="Ray Train workers (default: ray.workers)."),
@@ -452,7 +452,7 @@ def tune_cmd(
         None, "--set", help="Override a search key (num_samples=4) or a base job key (base.train.steps=100)."),
     name: str = typer.Option("", help="Search name (default: the YAML's name). Rerunning a name resumes it."),
     storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
-                                help="Search storage: local dir or s3://bucket/prefix (default: $BIFLOW_STORAGE, "
+                                help="Search storage: local dir, s3:// or gs://bucket/prefix (default: $BIFLOW_STORAGE, "
                                      "else base ray.storage)."),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     out: Optional[Path] = typer.Option(None, help="Results directory (default: STORAGE/NAME/results)."),
@@ -473,8 +473,8 @@ def tune_cmd(
 def export_cmd(
     checkpoint: str = typer.Argument(..., help="Run name, run dir or checkpoint dir/URI (the latest checkpoint of a run)."),
     out: Path = typer.Argument(..., help="Output .safetensors file (config .yaml written beside it), or a directory."),
-    storage: str = typer.Option("runs", help="Run storage to look run names up in (local dir or s3://...)."),
-    endpoint: str = typer.Option("", help="S3-compatible endpoint for storage."),
+    storage: str = typer.Option("runs", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
 ) -> None:
     """Write a checkpoint's EMA weights as safetensors, with the run's config."""
     from biflow.train.checkpoint import export

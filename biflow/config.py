@@ -238,10 +238,10 @@ def _expand_size(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
-    uri: str = "runs/data/fashion-mnist"  # shard root: local path, file:// or s3://bucket/prefix
+    uri: str = "runs/data/fashion-mnist"  # shard root: local path, file://, s3:// or gs://bucket/prefix
     split: str = "train"
     eval_split: str = "test"
-    endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000
+    endpoint: str = ""  # S3-compatible endpoint (http://127.0.0.1:9000) or a GCS emulator
     region: str = ""
     kind: Literal["pixels", "latents"] = "pixels"
     # latents: the frozen diffusers AutoencoderKL that decodes them (local folder or hub id);
@@ -322,7 +322,7 @@ class RayConfig:
     max_failures: int = 2  # restarts after real faults (a worker or node lost without notice)
     # restarts after preemptions (a node drained with the preemption reason first), counted apart
     max_preemption_failures: int = -1  # -1: unlimited
-    storage: str = "runs"  # run storage: local dir or s3://bucket/prefix
+    storage: str = "runs"  # run storage: local dir, s3:// or gs://bucket/prefix
     storage_endpoint: str = ""
     # per-worker custom resources beside CPU/GPU (e.g. {"spot_gpu": 1}, or a node type's marker resource)
     resources_per_worker: dict[str, float] = field(default_factory=dict)

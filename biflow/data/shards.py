@@ -1,6 +1,6 @@
 """Parquet shards + manifest from ImageNet, a class-per-folder tree or Fashion-MNIST.
 
-Layout under the output root (a local path or ``s3://bucket/prefix``)::
+Layout under the output root (a local path, ``s3://bucket/prefix`` or ``gs://bucket/prefix``)::
 
     manifest.json                         written last: the commit point
     train/train-<fp>-00000-of-00012.parquet

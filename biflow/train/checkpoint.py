@@ -158,12 +158,13 @@ def _checkpoints_in(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]]
 
 
 def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region: str = "",
-                    key: str = "train.forward_checkpoint") -> CheckpointRef:
+                    key: str = "train.forward_checkpoint", check: bool = True) -> CheckpointRef:
     """Resolve ``ref`` to one checkpoint.
 
-    ``ref`` may be a checkpoint directory (local path or s3:// URI), a run
+    ``ref`` may be a checkpoint directory (local path, s3:// or gs:// URI), a run
     directory (the latest checkpoint in it is used) or a bare run name, looked
-    up under ``storage_uri``. Errors name ``key`` and where it looked.
+    up under ``storage_uri``. Errors name ``key`` and where it looked. ``check``
+    asks first whether the bucket exists (quickly; see :func:`storage.resolve`).
     """
     ref = ref.strip()
     if not ref:
@@ -176,7 +177,7 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
         candidates.append(_join_uri(storage_uri, ref))
     looked = []
     for uri in candidates:
-        fs, path = storage.resolve(uri, endpoint, region)
+        fs, path = storage.resolve(uri, endpoint, region, check=check)
         looked.append(uri)
         if is_committed(fs, path):
             m = CHECKPOINT_RE.match(posixpath.basename(path))
@@ -200,8 +201,9 @@ def check_world_size(saved: Any, workers: int, run_uri: str) -> None:
 
 
 def latest_checkpoint(run_uri: str, endpoint: str = "", region: str = "") -> CheckpointRef | None:
-    """The latest complete checkpoint of a run directory, or None."""
-    fs, path = storage.resolve(run_uri, endpoint, region)
+    """The latest complete checkpoint of a run directory, or None. Workers ask this while
+    training, so it takes the storage's long retry budget (the driver checked the bucket)."""
+    fs, path = storage.resolve(run_uri, endpoint, region, check=False)
     found = _checkpoints_in(fs, path)
     if not found:
         return None
@@ -271,12 +273,12 @@ def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str = "",
-                    device: str | torch.device = "cpu", key: str = "CHECKPOINT") -> Loaded:
+                    device: str | torch.device = "cpu", key: str = "CHECKPOINT", check: bool = True) -> Loaded:
     """The EMA model of a checkpoint (run name, run dir or checkpoint dir/URI)."""
     from biflow.config import load_config
     from biflow.models import ReverseModel, TARFlow
 
-    ckpt = find_checkpoint(ref, storage, endpoint, region, key=key)
+    ckpt = find_checkpoint(ref, storage, endpoint, region, key=key, check=check)
     meta = ckpt.metadata()
     cfg = load_config(saved_config(meta))
     stage = meta.get("stage", cfg.stage)

@@ -31,7 +31,8 @@ WORKER_ENV = {
 
 # Copied from the driver when set there. AWS_EC2_METADATA_DISABLED is never forced on:
 # on cloud nodes the instance role (through the metadata service) supplies S3 credentials.
-PASSTHROUGH_ENV = ("AWS_EC2_METADATA_DISABLED", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+PASSTHROUGH_ENV = ("AWS_EC2_METADATA_DISABLED", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                   "STORAGE_EMULATOR_HOST", "BIFLOW_STORAGE_RETRY_MINUTES")
 
 
 def worker_env() -> dict[str, str]:

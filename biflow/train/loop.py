@@ -64,7 +64,7 @@ class TrainState:
 @dataclass
 class RunInfo:
     name: str = "biflow"
-    storage: str = "runs"  # run storage root (local dir or s3://)
+    storage: str = "runs"  # run storage root (local dir, s3:// or gs://)
     endpoint: str = ""
     region: str = ""
     forward_checkpoint: str = ""  # resolved URI of the stage-1 checkpoint (reverse stage)
@@ -131,7 +131,7 @@ class ReverseStage(ForwardStage):
         from biflow.train.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(run.forward_checkpoint, run.storage, run.endpoint, run.region, device,
-                                 key="train.forward_checkpoint")
+                                 key="train.forward_checkpoint", check=False)
         if loaded.stage != "forward":
             raise UserError(f"train.forward_checkpoint={run.forward_checkpoint!r} is a {loaded.stage} checkpoint "
                             f"({loaded.uri}); give a stage-1 (forward) run")

@@ -82,7 +82,7 @@ class Logger:
         from biflow.data import storage
 
         self.writer.flush()
-        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region)
+        fs, path = storage.resolve(self.run.uri, self.run.endpoint, self.run.region, check=False)
         try:
             pafs.copy_files(str(self.log_dir), storage.join(path, "tensorboard"),
                             source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
