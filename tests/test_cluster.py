@@ -1162,3 +1162,19 @@ def test_spot_resume_check_stops_over_budget_before_touching_the_cloud(tmp_path)
     estimate = float(re.search(r"about ([0-9.]+) USD", proc.stdout).group(1))
     assert 55 < estimate < 70  # two p4d.24xlarge for most of an hour dominate
     assert not (tmp_path / "calls").exists(), "nothing launched, nothing torn down: no cloud call at all"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_head_publishes_what_the_cluster_can_have(name):
+    cmds = load(name)["head_start_ray_commands"]
+    start = next(i for i, c in enumerate(cmds) if "ray start --head" in c)
+    (publish,) = [c for c in cmds if "biflow.fleet.capacity" in c]
+    # after Ray is up (it writes into the GCS), from the config the autoscaler itself reads
+    assert cmds.index(publish) > start
+    assert publish.endswith("python -m biflow.fleet.capacity publish ~/ray_bootstrap_config.yaml")
+    from biflow.fleet import capacity
+
+    # the command's own parser takes it
+    with pytest.raises(SystemExit) as exit_:
+        capacity.main(["publish", "--help"])
+    assert exit_.value.code == 0
