@@ -1,5 +1,6 @@
-"""The EC2 instance metadata service (IMDSv2), as much of it as the spot notice
-watcher reads, served on loopback: the real one exists only on EC2."""
+"""The EC2 instance metadata service (IMDSv2) and the GCE metadata server, as much
+of them as the spot notice watcher reads, served on loopback: the real ones exist
+only on their clouds' machines."""
 
 from __future__ import annotations
 
@@ -39,11 +40,30 @@ class FakeIMDS(BaseHTTPRequestHandler):
         pass
 
 
-def serve() -> tuple[ThreadingHTTPServer, str]:
+class FakeGCE(FakeIMDS):
+    """GCE's metadata server: every request needs ``Metadata-Flavor: Google`` (403
+    without); ``preempted`` reads FALSE until the VM is preempted."""
+
+    model = "SPOT"  # scheduling/provisioning-model: SPOT or STANDARD
+    preempted = False
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Metadata-Flavor") != "Google":
+            return self._send(403, "Missing Metadata-Flavor:Google header.")
+        answers = {"scheduling/provisioning-model": type(self).model, "scheduling/preemptible": "FALSE",
+                   "preempted": "TRUE" if type(self).preempted else "FALSE"}
+        path = self.path.removeprefix("/computeMetadata/v1/instance/")
+        if path in answers:
+            return self._send(200, answers[path])
+        self._send(404, "Not Found")
+
+
+def serve(handler: type[FakeIMDS] = FakeIMDS) -> tuple[ThreadingHTTPServer, str]:
     """Serve it on a free loopback port (a spot instance with no notice); returns (server, base URL)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     FakeIMDS.lifecycle, FakeIMDS.notice = "spot", None
+    FakeGCE.model, FakeGCE.preempted = "SPOT", False
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 

@@ -150,18 +150,24 @@ def test_head_autoscaler_uses_the_spot_fallback_scorer(name):
     assert "node_availability_summary" in readme and SCORER in readme
 
 
-def test_aws_workers_watch_for_spot_notices_in_the_background(tmp_path):
+@pytest.mark.parametrize("name,args", [("aws.yaml", "watch"), ("gcp.yaml", "watch --cloud gcp --margin-s 5")])
+def test_workers_watch_for_spot_notices_in_the_background(tmp_path, name, args):
     import os
     import subprocess
     import time
 
-    cmds = load("aws.yaml")["worker_start_ray_commands"]
+    cmds = load(name)["worker_start_ray_commands"]
     start = next(i for i, c in enumerate(cmds) if "ray start --address" in c)
     (watch,) = [c for c in cmds if "biflow.fleet.spot_notice" in c]
     assert cmds.index(watch) > start, "after ray start: it drains the running node"
-    assert watch.endswith("{ nohup python -m biflow.fleet.spot_notice watch > /tmp/ray/spot-notice.log 2>&1"
+    assert watch.endswith(f"{{ nohup python -m biflow.fleet.spot_notice {args} > /tmp/ray/spot-notice.log 2>&1"
                           " < /dev/null & }")
-    assert "spot_notice" not in json.dumps(load("aws.yaml")["head_start_ray_commands"]), "workers only"
+    assert "spot_notice" not in json.dumps(load(name)["head_start_ray_commands"]), "workers only"
+    from biflow.fleet import spot_notice
+
+    with pytest.raises(SystemExit) as exit_:  # the watcher's own parser takes these arguments
+        spot_notice.main([*args.split(), "--help"])
+    assert exit_.value.code == 0
     # run it as Ray does (bash -c) with a python that records its arguments and lingers: the command
     # returns at once, the watcher keeps running, its output goes to the log
     home, bin_, log_dir = tmp_path / "home", tmp_path / "bin", tmp_path / "ray"
@@ -179,7 +185,7 @@ def test_aws_workers_watch_for_spot_notices_in_the_background(tmp_path):
         if (tmp_path / "args").exists() and (log_dir / "spot-notice.log").read_text():
             break
         time.sleep(0.1)
-    assert (tmp_path / "args").read_text().split() == ["token", "-m", "biflow.fleet.spot_notice", "watch"]
+    assert (tmp_path / "args").read_text().split() == ["token", "-m", "biflow.fleet.spot_notice", *args.split()]
     assert (log_dir / "spot-notice.log").read_text() == "watching\n"
 
 

@@ -5,9 +5,10 @@
   after a recorded launch failure.
 - ``use_gpu: auto`` is decided on a real local Ray with no GPU up, from the
   launcher config file and from the cluster config published into the GCS.
-- The notice watcher polls an IMDSv2 stand-in served on loopback (the real
-  service exists only on EC2); draining a real node on its notice is the
-  preemption scenario of tests/test_nodes.py.
+- The notice watcher polls stand-ins of EC2's IMDSv2 and GCE's metadata server
+  served on loopback (the real ones exist only on their clouds); a GCE notice
+  drains a node of a real two-node Ray cluster here, and the preemption
+  scenario of tests/test_nodes.py follows AWS notices through training.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from biflow.config import ConfigError, ExperimentConfig
 from biflow.fleet import capacity, scorer, spot_notice
-from tests.imds import FakeIMDS, notice_in
+from tests.imds import FakeGCE, FakeIMDS, notice_in
 
 pytestmark = pytest.mark.integration
 
@@ -174,3 +175,88 @@ def test_watch_reads_the_notice_deadline(imds):
     assert meta.is_spot() and meta.interruption_deadline() is None
     FakeIMDS.notice = notice_in(120)
     assert meta.interruption_deadline() == pytest.approx(time.time() + 120, abs=2)
+
+
+@pytest.fixture
+def gce():
+    from tests.imds import serve
+
+    server, url = serve(FakeGCE)
+    yield server, url
+    server.shutdown()
+
+
+def test_gce_metadata_gives_thirty_seconds_from_the_first_preempted_read(gce):
+    _, url = gce
+    meta = spot_notice.metadata_for("gcp", url)
+    assert meta.is_spot() and meta.interruption_deadline() is None
+    FakeGCE.model = "STANDARD"
+    assert not meta.is_spot()
+    assert spot_notice.watch(meta, node_id="x", poll_s=0.01, max_polls=3) is None  # on-demand: exits
+    FakeGCE.preempted = True
+    first = meta.interruption_deadline()
+    assert first == pytest.approx(time.time() + 30, abs=1)
+    time.sleep(0.2)
+    assert meta.interruption_deadline() == first  # counted from the first poll that saw it
+    # the server refuses a request without its header, as GCE does
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(f"{url}/computeMetadata/v1/instance/preempted", timeout=2)
+    with pytest.raises(ValueError, match="unknown cloud 'azure'"):
+        spot_notice.metadata_for("azure")
+
+
+DRAIN_ON_GCE_NOTICE = """
+import json, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from biflow.fleet import spot_notice
+from tests.imds import FakeGCE, serve
+
+server, url = serve(FakeGCE)
+cluster = Cluster()
+cluster.add_node(num_cpus=0, include_dashboard=False)
+node = cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False)
+# a busy node (as one running a training worker), else a drained node shuts down at once
+busy = ray.remote(num_cpus=1)(type("Busy", (), {"ping": lambda self: 1})).remote()
+assert ray.get(busy.ping.remote()) == 1
+threading.Timer(1.0, lambda: setattr(FakeGCE, "preempted", True)).start()
+t0 = time.time()
+deadline = spot_notice.main(["--node-id", node.node_id, "watch", "--cloud", "gcp", "--metadata-url", url,
+                             "--margin-s", "5"])
+draining = ray._private.state.state.get_draining_nodes()
+print(json.dumps({"rc": deadline, "after_s": time.time() - t0, "now": time.time(),
+                  "draining": {k: v / 1000 for k, v in draining.items()}, "node": node.node_id}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_gce_notice_drains_the_node_as_preempted():
+    """The watcher's command line on a GCE spot VM, against a real two-node Ray cluster (its own
+    process: the session's local Ray is not to be drained): the node is draining, with the
+    notice time less the margin as deadline."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    ray_tmp = tempfile.mkdtemp(prefix="bfg-")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        proc = subprocess.run([sys.executable, "-c", DRAIN_ON_GCE_NOTICE], cwd=root, capture_output=True,
+                              text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(root),
+                                                           "RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rc"] == 0 and out["after_s"] < 10  # polled every second: seen about a second after the notice
+    assert list(out["draining"]) == [out["node"]]
+    # GCE stops the VM 30 s after the notice; Ray was told 25 s (the 5 s margin), counted from the poll
+    assert out["draining"][out["node"]] - out["now"] == pytest.approx(25, abs=3)

@@ -360,9 +360,11 @@ def spawn_node(address: str, cpus: int, resources: dict[str, float] | None = Non
     return node_id
 
 
-def kill_raylet(node_id: str) -> None:
+def kill_raylet(node_id: str) -> bool:
     """SIGKILL a node's raylet and everything under it (its workers and agents), found by the
-    raylet socket the GCS lists for the node: as a machine that vanishes, for any kind of node."""
+    raylet socket the GCS lists for the node: as a machine that vanishes, for any kind of node.
+    Returns False when the raylet had already gone: a node drained with a deadline shuts its
+    raylet down itself once the deadline passes and its work is gone."""
     import psutil
     import ray
 
@@ -374,10 +376,12 @@ def kill_raylet(node_id: str) -> None:
                 for p in victims:
                     p.kill()
                 psutil.wait_procs(victims, timeout=3)  # children reparented to init may linger as zombies
-                return
+                return True
         except psutil.Error:
             continue
-    raise RuntimeError(f"no raylet found for node {node_id} (socket {socket_name})")
+    if node_id not in alive_nodes():
+        return False
+    raise RuntimeError(f"no raylet found for live node {node_id} (socket {socket_name})")
 
 
 def kill_and_replace_later(cluster, nodes: dict, node_id: str, rec: Recorder, cpus: int = 2,
@@ -386,11 +390,12 @@ def kill_and_replace_later(cluster, nodes: dict, node_id: str, rec: Recorder, cp
     thread: the scenario goes on watching the run while the new node boots. A replacement
     that has not joined within a minute (on a loaded machine a raylet can give up waiting
     for its dashboard agent, ray-project/ray#65983) is ended and started again."""
+    gone_already = False
     if node_id in nodes:
         cluster.remove_node(nodes.pop(node_id), allow_graceful=False)
     else:
-        kill_raylet(node_id)
-    entry: dict[str, Any] = {"removed": node_id, "at_s": rec.now(), "tries": []}
+        gone_already = not kill_raylet(node_id)
+    entry: dict[str, Any] = {"removed": node_id, "at_s": rec.now(), "tries": [], "gone_already": gone_already}
     rec.data.setdefault("replacements", []).append(entry)
 
     def replace():

@@ -2,7 +2,9 @@
 
 AWS gives a spot instance two minutes' notice: the instance metadata service
 (IMDSv2) answers ``/latest/meta-data/spot/instance-action`` with
-``{"action": "terminate", "time": "...Z"}`` instead of 404. This module polls it
+``{"action": "terminate", "time": "...Z"}`` instead of 404. GCE gives a spot
+(or preemptible) VM 30 seconds: its metadata server's ``instance/preempted``
+turns from ``FALSE`` to ``TRUE``. This module polls the one of its cloud
 and drains the node's raylet with ``DRAIN_NODE_REASON_PREEMPTION`` and the
 deadline, what ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
 --deadline-remaining-seconds N`` does. Ray then
@@ -15,7 +17,8 @@ deadline, what ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
 
 Two commands::
 
-    python -m biflow.fleet.spot_notice watch      # launcher workers: poll IMDS, drain on notice
+    python -m biflow.fleet.spot_notice watch      # launcher workers (AWS): poll IMDS, drain on notice
+    python -m biflow.fleet.spot_notice watch --cloud gcp --margin-s 5   # launcher workers (GCP)
     python -m biflow.fleet.spot_notice drain --deadline-s 110 --wait   # KubeRay preStop hook
 
 ``watch`` exits at once on an on-demand instance. ``drain`` is for Kubernetes,
@@ -35,8 +38,9 @@ import urllib.request
 from datetime import datetime, timezone
 
 IMDS = "http://169.254.169.254"
+GCE_METADATA = "http://metadata.google.internal"
 TOKEN_TTL_S = 21600
-POLL_S = 5.0
+POLL_S = {"aws": 5.0, "gcp": 1.0}  # GCE's notice is 30 s: poll it closely
 DEFAULT_DEADLINE_S = 110.0  # AWS's notice is 120 s; leave Ray time to stop
 
 
@@ -89,6 +93,52 @@ class Metadata:
         return when.timestamp()
 
 
+class GceMetadata:
+    """The GCE metadata server, as much as a spot VM's preemption needs. It has no
+    notice time: a preempted VM gets ``NOTICE_S`` from the moment ``preempted``
+    reads ``TRUE``, so the deadline counts from the first poll that saw it."""
+
+    NOTICE_S = 30.0
+
+    def __init__(self, base: str = GCE_METADATA, timeout: float = 2.0):
+        self.base = base.rstrip("/")
+        self.timeout = timeout
+        self._seen_at: float | None = None
+
+    def get(self, path: str) -> str | None:
+        """The text at ``/computeMetadata/v1/instance/<path>``, or None when it does not exist."""
+        req = urllib.request.Request(f"{self.base}/computeMetadata/v1/instance/{path}",
+                                     headers={"Metadata-Flavor": "Google"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def is_spot(self) -> bool:
+        model = (self.get("scheduling/provisioning-model") or "").strip().upper()
+        return model == "SPOT" or (self.get("scheduling/preemptible") or "").strip().upper() == "TRUE"
+
+    def interruption_deadline(self) -> float | None:
+        """Unix time the VM stops (30 s after the preemption was first seen), or None."""
+        if (self.get("preempted") or "").strip().upper() != "TRUE":
+            return None
+        if self._seen_at is None:
+            self._seen_at = time.time()
+        return self._seen_at + self.NOTICE_S
+
+
+def metadata_for(cloud: str, url: str = "") -> Metadata | GceMetadata:
+    """The metadata client of ``cloud`` (aws or gcp), at ``url`` or the cloud's own address."""
+    if cloud == "aws":
+        return Metadata(url or IMDS)
+    if cloud == "gcp":
+        return GceMetadata(url or GCE_METADATA)
+    raise ValueError(f"unknown cloud {cloud!r}: expected aws or gcp")
+
+
 def drain(node_id: str, deadline_s: float, message: str) -> None:
     """Drain a Ray node (Ray initialised) as preempted, ``deadline_s`` from now."""
     import ray
@@ -109,8 +159,8 @@ def _connect(address: str) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def watch(meta: Metadata, address: str = "auto", node_id: str = "", poll_s: float = POLL_S,
-          margin_s: float = 10.0, max_polls: int = 0) -> float | None:
+def watch(meta: Metadata | GceMetadata, address: str = "auto", node_id: str = "",
+          poll_s: float = POLL_S["aws"], margin_s: float = 10.0, max_polls: int = 0) -> float | None:
     """Poll for a notice; on one, drain the node with the deadline less ``margin_s``
     (time for Ray to stop). Returns the deadline drained with, or None when the
     instance is on-demand (or ``max_polls`` passed without a notice)."""
@@ -140,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="auto", help="Ray address (default: the node's cluster)")
     parser.add_argument("--node-id", default="", help="the Ray node to drain (default: this machine's)")
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("watch", help="poll IMDS for a spot notice and drain this node on one")
-    w.add_argument("--imds", default=IMDS, help="instance metadata endpoint")
-    w.add_argument("--poll-s", type=float, default=POLL_S)
+    w = sub.add_parser("watch", help="poll the instance metadata for a spot notice and drain this node on one")
+    w.add_argument("--cloud", choices=["aws", "gcp"], default="aws", help="whose metadata server (default: aws)")
+    w.add_argument("--metadata-url", "--imds", default="",
+                   help=f"metadata endpoint (default: {IMDS} on aws, {GCE_METADATA} on gcp)")
+    w.add_argument("--poll-s", type=float, default=0.0, help="seconds between polls (default: 5 aws, 1 gcp)")
     w.add_argument("--margin-s", type=float, default=10.0, help="drain deadline = notice time minus this")
     d = sub.add_parser("drain", help="drain this node now as preempted (a preStop hook)")
     d.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S)
@@ -150,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "watch":
-            watch(Metadata(args.imds), args.address, args.node_id, args.poll_s, args.margin_s)
+            watch(metadata_for(args.cloud, args.metadata_url), args.address, args.node_id,
+                  args.poll_s or POLL_S[args.cloud], args.margin_s)
             return 0
         node_id = args.node_id or _connect(args.address)
         if args.node_id:  # another node of this cluster: connect all the same
