@@ -346,6 +346,30 @@ def test_kuberay_ray_containers_environment():
             assert env["BIFLOW_STORAGE"] == "s3://BUCKET/checkpoints", where
             assert env[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] == "600", where
             assert "BIFLOW_BUCKET" not in env, where
+            refs = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+            assert refs["BIFLOW_RAYCLUSTER_NAME"] == "metadata.labels['ray.io/cluster']", where
+            assert refs["BIFLOW_RAYCLUSTER_NAMESPACE"] == "metadata.namespace", where
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_worker_groups_are_what_use_gpu_auto_sees(name, monkeypatch):
+    """The RayCluster as KubeRay's autoscaler reads it (Ray's own conversion): GPUs at zero
+    replicas count, so `use_gpu: auto` picks GPUs before any GPU pod exists."""
+    from biflow.fleet import capacity
+
+    (doc,) = list(yaml.safe_load_all((KUBERAY / name).read_text()))
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "biflow", "namespace": "default"},
+          "spec": spec}
+    maxima = capacity.node_type_maxima(capacity.kuberay_config(cr))
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+               * int(g["maxReplicas"]) for g in spec["workerGroupSpecs"])
+    assert all(int(g["minReplicas"]) == 0 for g in spec["workerGroupSpecs"])  # nothing up at first
+    assert gpus > 0 and maxima["GPU"] == gpus
+    # outside a pod (no Kubernetes API), the lookup gives up with a warning, not an error
+    monkeypatch.setenv("BIFLOW_RAYCLUSTER_NAME", "biflow")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert capacity.kuberay_config() is None
 
 
 def test_aws_placeholders_are_terraform_outputs():

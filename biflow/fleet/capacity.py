@@ -12,7 +12,11 @@ This module answers from the autoscaler's node types instead, in this order:
    (Ray 2.60's v1 autoscaler does not);
 2. the launcher's autoscaling config file itself, on the head
    (``$BIFLOW_AUTOSCALING_CONFIG``, else ``~/ray_bootstrap_config.yaml``);
-3. what is up now, as a floor (a static cluster, a laptop).
+3. on KubeRay, the RayCluster's worker groups, read from the Kubernetes API the
+   way KubeRay's autoscaler reads them (Ray's ``AutoscalingConfigProducer``;
+   the pod names its RayCluster in ``$BIFLOW_RAYCLUSTER_NAME`` and
+   ``$BIFLOW_RAYCLUSTER_NAMESPACE``, cluster/kuberay/*.yaml);
+4. what is up now, as a floor (a static cluster, a laptop).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from biflow.errors import UserError
 
 CONFIG_ENV = "BIFLOW_AUTOSCALING_CONFIG"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+RAYCLUSTER_ENV = ("BIFLOW_RAYCLUSTER_NAME", "BIFLOW_RAYCLUSTER_NAMESPACE")
 
 
 def node_type_maxima(config: dict[str, Any]) -> dict[str, float]:
@@ -84,6 +89,26 @@ def config_file() -> Path | None:
     return path if path.is_file() else None
 
 
+def kuberay_config(ray_cr: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The autoscaling config KubeRay's autoscaler derives from a RayCluster: from
+    ``ray_cr`` (a RayCluster manifest), else fetched for the pod's own RayCluster;
+    None outside KubeRay or when the API cannot be read (with a warning)."""
+    from ray.autoscaler._private.kuberay import autoscaling_config
+
+    if ray_cr is not None:
+        return autoscaling_config._derive_autoscaling_config_from_ray_cr(ray_cr)
+    name, namespace = (os.environ.get(key, "") for key in RAYCLUSTER_ENV)
+    if not name:
+        return None
+    try:
+        return autoscaling_config.AutoscalingConfigProducer(name, namespace or "default")()
+    except Exception as exc:  # no API access (RBAC, outside the pod): decide from what is up
+        print(f"warning: cannot read RayCluster {namespace}/{name} for its worker groups "
+              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+              "sizing from the nodes up now", file=sys.stderr, flush=True)
+        return None
+
+
 def autoscaler_maxima() -> dict[str, float] | None:
     """The most of each resource the autoscaler can bring up, or None when this
     cluster has no autoscaler config (Ray must be initialised for the GCS lookup)."""
@@ -99,7 +124,10 @@ def autoscaler_maxima() -> dict[str, float] | None:
         if found:
             return {k: float(v) for k, v in found.items()}
     path = config_file()
-    return node_type_maxima(_load_yaml(path)) if path else None
+    if path:
+        return node_type_maxima(_load_yaml(path))
+    config = kuberay_config()
+    return node_type_maxima(config) if config else None
 
 
 def reachable(resource: str) -> float:
