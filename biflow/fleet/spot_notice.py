@@ -48,6 +48,17 @@ def _log(msg: str) -> None:
     print(f"[spot-notice {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _read(req: urllib.request.Request, timeout: float) -> str | None:
+    """A metadata server's answer as text; None for a path it does not have (404)."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
 class Metadata:
     """An IMDSv2 session (a token, renewed when it expires)."""
 
@@ -71,11 +82,8 @@ class Metadata:
         req = urllib.request.Request(f"{self.base}/latest/meta-data/{path}",
                                      headers={"X-aws-ec2-metadata-token": self._token_now()})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read().decode()
+            return _read(req, self.timeout)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
             if exc.code == 401:  # token expired or revoked: fetch a new one next time
                 self._token = ""
             raise
@@ -107,15 +115,8 @@ class GceMetadata:
 
     def get(self, path: str) -> str | None:
         """The text at ``/computeMetadata/v1/instance/<path>``, or None when it does not exist."""
-        req = urllib.request.Request(f"{self.base}/computeMetadata/v1/instance/{path}",
-                                     headers={"Metadata-Flavor": "Google"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
+        return _read(urllib.request.Request(f"{self.base}/computeMetadata/v1/instance/{path}",
+                                            headers={"Metadata-Flavor": "Google"}), self.timeout)
 
     def is_spot(self) -> bool:
         model = (self.get("scheduling/provisioning-model") or "").strip().upper()
