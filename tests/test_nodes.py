@@ -303,6 +303,7 @@ def run_with_node_loss(rec: Recorder, key: str, run_uri: str, endpoint: str, fit
     placement = actors_by_node()
     victim = choose(placement)
     before = committed(run_uri, endpoint)
+    workers = worker_titles(victim)
     t_kill = time.time()
     kill(victim)
     kill_s = time.time() - t_kill
@@ -311,6 +312,7 @@ def run_with_node_loss(rec: Recorder, key: str, run_uri: str, endpoint: str, fit
     wait_for(lambda: victim not in alive_nodes(), 60, what=f"{key}: node {victim} marked dead")
     t_dead = time.time()
     rec.save(**{key: {"killed_node": victim, "killed_node_actors": sorted(placement.get(victim, [])),
+                      "killed_node_workers": workers,
                       "placement": {n: sorted(a) for n, a in placement.items()},
                       "committed_at_kill": before, "committed_after_kill": after,
                       "kill_at_s": round(t_kill - t0, 2), "kill_took_s": round(kill_s, 2),
@@ -360,28 +362,55 @@ def spawn_node(address: str, cpus: int, resources: dict[str, float] | None = Non
     return node_id
 
 
-def kill_raylet(node_id: str) -> bool:
-    """SIGKILL a node's raylet and everything under it (its workers and agents), found by the
-    raylet socket the GCS lists for the node: as a machine that vanishes, for any kind of node.
-    Returns False when the raylet had already gone: a node drained with a deadline shuts its
-    raylet down itself once the deadline passes and its work is gone."""
-    import psutil
+def raylet_of(node_id: str):
+    """The raylet process of a node on this machine (by the socket the GCS lists), or None."""
     import ray
 
     socket_name = next(n["RayletSocketName"] for n in ray.nodes() if n["NodeID"] == node_id)
     for proc in processes_with(socket_name):
         try:
             if "raylet" in proc.name():
-                victims = [proc, *proc.children(recursive=True)]
-                for p in victims:
-                    p.kill()
-                psutil.wait_procs(victims, timeout=3)  # children reparented to init may linger as zombies
-                return True
-        except psutil.Error:
+                return proc
+        except Exception:  # psutil.Error: gone meanwhile
             continue
+    return None
+
+
+def worker_titles(node_id: str) -> list[str]:
+    """The process titles of a node's Ray workers (``ray::<task or actor>``, ``ray::IDLE``):
+    what ran there, tasks included, which the actor table does not show."""
+    proc = raylet_of(node_id)
+    titles = []
+    for child in proc.children(recursive=True) if proc else []:
+        try:
+            title = (child.cmdline() or [""])[0]
+        except Exception:  # psutil.Error
+            continue
+        if title.startswith("ray::"):
+            titles.append(title.split(" ")[0])
+    return sorted(titles)
+
+
+def kill_raylet(node_id: str) -> bool:
+    """SIGKILL a node's raylet and everything under it (its workers and agents): as a machine
+    that vanishes, for any kind of node. Returns False when the raylet had already gone: a
+    node drained with a deadline shuts its raylet down itself once the deadline passes and
+    its work is gone."""
+    import psutil
+
+    proc = raylet_of(node_id)
+    if proc is not None:
+        try:
+            victims = [proc, *proc.children(recursive=True)]
+            for p in victims:
+                p.kill()
+            psutil.wait_procs(victims, timeout=3)  # children reparented to init may linger as zombies
+            return True
+        except psutil.Error:
+            pass
     if node_id not in alive_nodes():
         return False
-    raise RuntimeError(f"no raylet found for live node {node_id} (socket {socket_name})")
+    raise RuntimeError(f"no raylet found for live node {node_id}")
 
 
 def kill_and_replace_later(cluster, nodes: dict, node_id: str, rec: Recorder, cpus: int = 2,
@@ -862,7 +891,8 @@ def test_reverse_stage_loses_the_ray_data_node_and_finishes(fmnist_s3_shards, s3
     facts = node_loss("reverse_node_loss", fmnist_s3_shards, s3_server, tmp_path)
     assert facts.get("reverse"), "the reverse stage did not get as far as the node loss"
     run = facts["reverse"]
-    print(json.dumps({k: run[k] for k in ("killed_node_actors", "committed_at_kill", "start_step", "wall_s")}
+    print(json.dumps({k: run[k] for k in ("killed_node_actors", "killed_node_workers", "committed_at_kill",
+                                          "start_step", "wall_s")}
                      | {"scenario_s": facts["scenario_seconds"]}))
     # the killed node was the data node: the only one with CPUs free for Ray Data, none for training
     assert run["killed_node"] == facts["data_node"] and "RayTrainWorker" not in run["killed_node_actors"]
