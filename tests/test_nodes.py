@@ -607,7 +607,8 @@ def scenario_autoscaling(rec: Recorder, data_uri: str, endpoint: str, bucket: st
 
     def watch():
         seen: dict[str, dict] = {}
-        while not watching.is_set():
+        while True:
+            last = watching.is_set()  # one more poll after the stop: the scale-down's last leaves
             try:
                 now = {n: r for n, r in alive_nodes().items() if n != head}
             except Exception:  # noqa: BLE001
@@ -618,6 +619,8 @@ def scenario_autoscaling(rec: Recorder, data_uri: str, endpoint: str, bucket: st
             for n in seen.keys() - now.keys():
                 timeline.append({"t": rec.now(), "event": "leave", "node": n})
             seen = now
+            if last:
+                return
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
