@@ -14,7 +14,8 @@ background while the scenario watches the run; the run is followed by one LIST o
 its checkpoints a second (TensorBoard files are read only once a checkpoint is in):
 
 - ``forward_node_loss``: the forward stage (2 DeepSpeed ZeRO-2 workers spread over
-  three 2-CPU nodes) loses a node hosting a training worker, hard, mid-run.
+  three 2-CPU nodes) loses a node hosting a training worker, hard, mid-run. It is
+  in the default run (CI); the other scenarios are ``slow`` (``make test-nodes``).
 - ``reverse_node_loss``: the reverse stage loses the one node with CPUs free for
   Ray Data (the workers' nodes have 1 CPU each, all taken by training).
 - ``tune_node_loss``: a Tune search loses a node hosting a trial's training worker.
@@ -875,7 +876,7 @@ def node_loss(name: str, shards: str, s3_server, tmp_path: Path, timeout: float 
     return facts
 
 
-@pytest.mark.slow  # make test-nodes
+# In the default run (CI): 156-263 s on 2 cores, the one node-loss scenario under 4 min.
 def test_forward_stage_loses_a_training_node_and_resumes(fmnist_s3_shards, s3_server, tmp_path):
     facts = node_loss("forward_node_loss", fmnist_s3_shards, s3_server, tmp_path)
     assert facts.get("forward"), "the forward stage did not get as far as the node loss"
