@@ -11,6 +11,7 @@ like DiT: ``S``, ``B``, ``L``, ``XL`` with a patch suffix (``B/2``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -416,16 +417,36 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)  # "1e5" as people write it (YAML 1.1 reads it as a string)
+        if number is not None and number.is_integer():
+            return int(number)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        number = _number(value)  # "1e-4", "2e-3": strings to PyYAML (YAML 1.1 wants a dot)
+        if number is not None:
+            return number
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?")
+
+
+def _number(value: Any) -> float | None:
+    """A string written as a decimal number (``1e-4``, ``2E3``, ``1_000``, ``.5``), as a
+    float; None for anything else (``nan``, ``inf`` and words included)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        try:
+            return float(value.strip())
+        except ValueError:  # "1__0" and the like
+            return None
+    return None
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:

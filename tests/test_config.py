@@ -49,3 +49,20 @@ def test_size_registry_explicit_fields_win():
 
 def test_defaults_validate():
     assert isinstance(load_config(None), ExperimentConfig)
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    """Scientific notation is a string to PyYAML (YAML 1.1 wants a dot: `2e-3`, `1e-4`); the
+    config takes it as a number, in files and in --set, and still refuses words."""
+    path = tmp_path / "job.yaml"
+    path.write_text("optim:\n  lr: 2e-3\n  weight_decay: 1E-2\ntrain:\n  steps: 1e3\n  log_every: 1_000\n")
+    cfg = load_config(path, ["flow.noise_std=.5"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps, cfg.train.log_every) == (2e-3, 1e-2, 1000, 1000)
+    assert cfg.flow.noise_std == 0.5 and isinstance(cfg.train.steps, int)
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(None, ["train.steps=2.5e2"]).train.steps == 250
+    with pytest.raises(ConfigError, match=r"train.steps: expected an integer, got '1.5e0'"):
+        load_config(None, ["train.steps=1.5e0"])
+    for word in ("nan", "inf", "1e", "1e-4x"):
+        with pytest.raises(ConfigError, match=rf"optim.lr: expected a number, got '{word}'"):
+            load_config(None, [f"optim.lr={word}"])
