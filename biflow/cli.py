@@ -383,10 +383,14 @@ def train(
     workers: int = typer.Option(0, help="Ray Train workers (default: ray.workers)."),
 ) -> None:
     """Train one stage with Ray Train + DeepSpeed; checkpoints and TensorBoard logs go to the run storage."""
-    from biflow.config import ConfigError, load_config
+    from biflow.config import ConfigError, load_config, read_yaml
 
     if stage not in ("forward", "reverse"):
         raise ConfigError(f"stage {stage!r}: allowed values: forward, reverse")
+    written = read_yaml(config).get("stage")
+    if written is not None and written != stage:  # the argument must not silently override the file
+        raise ConfigError(f"`biflow train {stage}` but {config} says stage: {written}; "
+                          f"run `biflow train {written} -c {config}`, or change the file's stage")
     cfg = load_config(config, [*(set_ or []), f"stage={stage}"])
     from biflow.train import fit
 

@@ -93,6 +93,8 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str, gcs_open: str) -> 
         ("bad zero stage", ["train", "forward", "-c", FWD, "--set", "train.zero_stage=4"],
          ["train.zero_stage=4"]),
         ("bad stage", ["train", "sideways", "-c", FWD], ["stage 'sideways'", "forward, reverse"]),
+        ("stage disagrees with the file", ["train", "forward", "-c", REV],
+         ["`biflow train forward` but", "says stage: reverse", "biflow train reverse -c"]),
         ("missing config file", ["train", "forward", "-c", str(tmp / "nope.yaml")], ["config file not found"]),
         ("malformed --set", ["train", "forward", "-c", FWD, "--set", "train.steps"], ["expected KEY=VALUE"]),
         ("name with slash", ["train", "forward", "-c", FWD, "--name", "a/b", "--storage", str(runs)],
