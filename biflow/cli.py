@@ -14,12 +14,29 @@ from typing import Callable, List, Optional
 
 import typer
 
+HELP = {"help_option_names": ["-h", "--help"]}  # -h everywhere, as people type it
 app = typer.Typer(help="biflow: TARFlow forward flows and 1-NFE BiFlow reverse models, trained on Ray.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks that write JSON (and PNG) under an output directory.", no_args_is_help=True)
-cluster_app = typer.Typer(help="Cluster helpers (render launcher YAMLs from Terraform outputs).", no_args_is_help=True)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, context_settings=HELP)
+bench_app = typer.Typer(help="Benchmarks that write JSON (and PNG) under an output directory.", no_args_is_help=True,
+                        context_settings=HELP)
+cluster_app = typer.Typer(help="Cluster helpers (render launcher YAMLs from Terraform outputs).", no_args_is_help=True,
+                          context_settings=HELP)
 app.add_typer(bench_app, name="bench")
 app.add_typer(cluster_app, name="cluster")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from biflow import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version_: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="Print the biflow version and exit.")) -> None:
+    """biflow: TARFlow forward flows and 1-NFE BiFlow reverse models, trained on Ray."""
 
 
 def friendly_errors(fn: Callable) -> Callable:

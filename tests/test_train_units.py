@@ -298,3 +298,18 @@ def test_train_compile_is_opt_in_and_falls_back_to_eager_at_the_first_step(capsy
     assert "torch.compile failed at the first step (RuntimeError: inductor: no C++ compiler); running eager" \
         in capsys.readouterr().out
     assert eng.call(lambda: 8) == 8
+
+
+def test_cli_answers_dash_h_and_version_as_people_type_them():
+    from typer.testing import CliRunner
+
+    from biflow import __version__
+    from biflow.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == __version__
+    for argv in (["-h"], ["train", "-h"], ["bench", "-h"], ["cluster", "-h"]):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 0 and "Usage: " in res.output, (argv, res.output)
+    assert runner.invoke(app, ["version"]).output.strip() == __version__  # the old command still works
