@@ -74,6 +74,11 @@ def test_evaluate_missing_checkpoint_is_clear(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "nope", "--storage", str(tmp_path)])
     assert result.exit_code == 2
     assert "CHECKPOINT='nope': no checkpoint found" in result.output
+    assert f"looked in {tmp_path}/nope" in result.output  # names where it looked
+    # a bare run name with no storage to look it up in says so, instead of "looked in " and nothing
+    result = CliRunner().invoke(app, ["evaluate", "nope"])
+    assert result.exit_code == 2
+    assert "no run storage was given to look the run name up in; pass --storage" in result.output
 
 
 def test_device_option_resolves_and_rejects_clearly():

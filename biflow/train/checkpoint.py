@@ -187,6 +187,9 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
         if found:
             step, name = found[-1]
             return CheckpointRef(fs, storage.join(path, name), _join_uri(uri, name), step)
+    if not looked:
+        raise UserError(f"{key}={ref!r}: no checkpoint found: it is not a path, and no run storage was given to look "
+                        f"the run name up in; pass --storage (a local dir, s3:// or gs:// URI) or a checkpoint path")
     raise UserError(f"{key}={ref!r}: no checkpoint found (looked in {', '.join(looked)}); "
                     f"train the forward stage first, or give a run name under the run storage or a checkpoint URI")
 
