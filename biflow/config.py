@@ -458,7 +458,11 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else key
         if key not in hints or key not in names:
-            raise ConfigError(f"unknown key {key_path!r}; allowed keys here: {', '.join(names)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean {(path + '.' if path else '') + close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown key {key_path!r}; {hint}allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], key_path)
     try:
         return cls(**kwargs)

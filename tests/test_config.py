@@ -7,8 +7,13 @@ pytestmark = pytest.mark.unit
 
 
 def test_unknown_key_names_full_path():
-    with pytest.raises(ConfigError, match=r"unknown key 'reverse.perceptual.netwrk'.*network"):
+    with pytest.raises(ConfigError, match=r"unknown key 'reverse.perceptual.netwrk'; "
+                                          r"did you mean 'reverse.perceptual.network'\? allowed keys here: .*network"):
         load_config({"reverse": {"perceptual": {"netwrk": "vgg"}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.learning_rate'; allowed keys here"):  # nothing close
+        load_config(None, ["optim.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'\?"):
+        load_config({"trian": {"steps": 3}})
 
 
 def test_wrong_type_and_literal_name_allowed_values():
