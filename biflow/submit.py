@@ -49,14 +49,14 @@ from typing import Any, Callable
 
 from biflow.config import load_config, save_config
 from biflow.errors import UserError
+from biflow.fleet import START_TIMEOUT_ENV
 
 # Passed to the job when set here; credentials are deliberately not in this list:
 # cluster nodes get cloud access from their instance role / service account (through the
 # metadata service, so AWS_EC2_METADATA_DISABLED is not forwarded either).
 FORWARDED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-# Ray Train's controller inherits the job's environment: a worker group waiting for nodes that
-# scale up from zero needs longer than Train's default 60 s before a start counts as failed
-TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+# Ray Train's controller inherits the job's environment (see biflow.fleet.START_TIMEOUT_ENV)
+TRAIN_CONTROLLER_ENV = START_TIMEOUT_ENV
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

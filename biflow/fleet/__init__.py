@@ -8,3 +8,9 @@ what a node does when its spot instance is about to be reclaimed.
 - :mod:`biflow.fleet.spot_notice`: polls the instance metadata for a spot
   interruption notice and drains the Ray node with the preemption reason.
 """
+
+# Ray Train's controller waits this long for a worker group before a start counts as
+# failed (its default is 60 s): GPU nodes that scale up from zero need minutes. The
+# controller inherits the job's (or the local driver's) environment; launch.py and
+# submit.py set it there, the cluster configs on every node.
+START_TIMEOUT_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}

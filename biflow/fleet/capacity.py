@@ -22,6 +22,7 @@ This module answers from the autoscaler's node types instead, in this order:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -98,10 +99,17 @@ def kuberay_config(ray_cr: dict[str, Any] | None = None) -> dict[str, Any] | Non
     if ray_cr is not None:
         return autoscaling_config._derive_autoscaling_config_from_ray_cr(ray_cr)
     name, namespace = (os.environ.get(key, "") for key in RAYCLUSTER_ENV)
-    if not name:
-        return None
+    return _fetch_raycluster(name, namespace or "default") if name else None
+
+
+@functools.lru_cache(maxsize=4)
+def _fetch_raycluster(name: str, namespace: str) -> dict[str, Any] | None:
+    """Once per process: the worker groups do not change under a job, and a failed
+    fetch (Ray retries it for seconds) is not worth repeating for every sizing question."""
+    from ray.autoscaler._private.kuberay import autoscaling_config
+
     try:
-        return autoscaling_config.AutoscalingConfigProducer(name, namespace or "default")()
+        return autoscaling_config.AutoscalingConfigProducer(name, namespace)()
     except Exception as exc:  # no API access (RBAC, outside the pod): decide from what is up
         print(f"warning: cannot read RayCluster {namespace}/{name} for its worker groups "
               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -130,13 +138,19 @@ def autoscaler_maxima() -> dict[str, float] | None:
     return node_type_maxima(config) if config else None
 
 
-def reachable(resource: str) -> float:
+_UNASKED: Any = object()
+
+
+def reachable(resource: str, maxima: dict[str, float] | None = _UNASKED) -> float:
     """How much of ``resource`` (``"GPU"``, ``"CPU"``) the cluster can have: the
-    autoscaler's maximum, or what is up now when that is more (or there is no autoscaler)."""
+    autoscaler's maximum, or what is up now when that is more (or there is no autoscaler).
+    ``maxima``: :func:`autoscaler_maxima` when the caller has asked it already."""
     import ray
 
+    if maxima is _UNASKED:
+        maxima = autoscaler_maxima()
     up = float(ray.cluster_resources().get(resource, 0))
-    return max(up, (autoscaler_maxima() or {}).get(resource, 0.0))
+    return max(up, (maxima or {}).get(resource, 0.0))
 
 
 def publish(path: str | Path) -> dict[str, float]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from biflow.config import ConfigError, ExperimentConfig, FlowConfig, from_dict, to_dict
 from biflow.errors import UserError
+from biflow.fleet import START_TIMEOUT_ENV
 from biflow.train import checkpoint as ckpt_io
 from biflow.train.callbacks import Callbacks
 from biflow.train.callbacks import resolve as resolve_callbacks
@@ -25,7 +26,7 @@ WORKER_ENV = {
     # Ray Train tees print() to stdout and to its logger, so every progress line showed twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # a worker group that waits for GPU nodes to scale up from zero (minutes) is not a failed start
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    **START_TIMEOUT_ENV,
 }
 
 
@@ -138,9 +139,10 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
 
     if cfg.ray.use_gpu == "no":
         return False
-    gpus = capacity.reachable("GPU")
+    maxima = capacity.autoscaler_maxima()  # asked once: a GCS, file or Kubernetes API lookup
+    gpus = capacity.reachable("GPU", maxima)
     if cfg.ray.use_gpu == "yes":
-        if gpus < 1 and capacity.autoscaler_maxima() is not None:  # known node types, none with a GPU
+        if gpus < 1 and maxima is not None:  # known node types, none with a GPU
             raise ConfigError("ray.use_gpu=yes, but no node type of this cluster's autoscaler has a GPU: "
                               "add a GPU node type or set ray.use_gpu=no")
         return True

@@ -40,7 +40,7 @@ from biflow.train.callbacks import Callbacks
 from biflow.train.clock import PhaseTimer, StageClock  # noqa: F401 (StageClock: the loop's public clock)
 from biflow.train.engine import (Engine, any_rank, build_engine, mean_over_ranks, rank,
                                  resolve_device, world_size)
-from biflow.train.progress import Logger, PreemptionNotice
+from biflow.train.progress import Logger, PreemptionNotice, RunInfo  # RunInfo: imported from here too
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,23 +59,6 @@ class TrainState:
     ema_updates: int = 0
     train_seconds: float = 0.0  # wall time of the training loop up to this state, over all resumes
     warmup_end_s: float = -1.0  # train_seconds when the LR warmup ended (time-budgeted cosine); -1: not yet
-
-
-@dataclass
-class RunInfo:
-    name: str = "biflow"
-    storage: str = "runs"  # run storage root (local dir, s3:// or gs://)
-    endpoint: str = ""
-    region: str = ""
-    forward_checkpoint: str = ""  # resolved URI of the stage-1 checkpoint (reverse stage)
-
-    @property
-    def uri(self) -> str:
-        return self.storage.rstrip("/") + "/" + self.name
-
-    @property
-    def is_local(self) -> bool:
-        return "://" not in self.storage or self.storage.startswith("file://")
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What a run shows while it trains, and what it watches for.
 
+:class:`RunInfo`: where the run lives (its name under the run storage).
 :class:`Logger`: TensorBoard scalars and images and the console progress line
 (rank 0). :class:`PreemptionNotice`: whether Ray Train has seen a node of this
 run being reclaimed (a drained spot node), so the loop writes a just-in-time
@@ -12,6 +13,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -19,7 +21,25 @@ import torch
 
 if TYPE_CHECKING:
     from biflow.train.clock import StageClock
-    from biflow.train.loop import RunInfo
+
+
+@dataclass
+class RunInfo:
+    """A run's name and storage; the loop, its Logger and the launcher share it."""
+
+    name: str = "biflow"
+    storage: str = "runs"  # run storage root (local dir, s3:// or gs://)
+    endpoint: str = ""
+    region: str = ""
+    forward_checkpoint: str = ""  # resolved URI of the stage-1 checkpoint (reverse stage)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.rstrip("/") + "/" + self.name
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.storage or self.storage.startswith("file://")
 
 
 class Logger:
