@@ -12,3 +12,14 @@ pipeline), ``biflow.tune``, ``biflow.bench``, ``biflow.evaluate``
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["BiFlow", "__version__"]
+
+
+def __getattr__(name: str):
+    """``from biflow import BiFlow`` without importing torch for ``biflow --help``."""
+    if name == "BiFlow":
+        from biflow.pretrained import BiFlow
+
+        return BiFlow
+    raise AttributeError(f"module 'biflow' has no attribute {name!r}")

@@ -56,6 +56,19 @@ def friendly_errors(fn: Callable) -> Callable:
 
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=100 (repeatable).")
+DEFAULT_STORAGE = "runs"  # ray.storage's default: where every command looks run names up
+STORAGE_HELP = ("Run storage: local dir, s3:// or gs://bucket/prefix (default: $BIFLOW_STORAGE, which the fleet's "
+                "nodes set to their bucket, else {default}).")
+
+
+def StorageOption(default: str = f"{DEFAULT_STORAGE!r}"):  # noqa: N802 (a typer option factory)
+    """--storage as every command takes it: one default, one environment variable."""
+    return typer.Option("", "--storage", envvar="BIFLOW_STORAGE", show_default=False,
+                        help=STORAGE_HELP.format(default=default))
+
+
+def _lookup_storage(storage: str) -> str:
+    return storage or DEFAULT_STORAGE
 
 
 @app.command()
@@ -122,10 +135,12 @@ def recipe(
 @app.command()
 @friendly_errors
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="Reverse (or forward) run name, run dir or checkpoint URI."),
-    out: Path = typer.Option(Path("runs/eval"), help="Output directory (results.json, PNG grids)."),
+    checkpoint: str = typer.Argument(..., help="Reverse (or forward) run name, run dir, checkpoint URI or "
+                                               "`biflow export` folder."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (results.json, PNG grids); default "
+                                                  "runs/eval/<run>/step-<N>."),
     forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
-    storage: str = typer.Option("", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    storage: str = StorageOption(),
     endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
     num_samples: int = typer.Option(2000, help="Samples per sampler and guidance for FID and KID."),
     num_reference: int = typer.Option(10_000, help="Held-out images of the FID/KID reference, cached (0 = all)."),
@@ -148,29 +163,36 @@ def evaluate(
     opts = EvalOptions(num_samples=num_samples, num_reference=num_reference, guidance=list(guidance or [0.0]),
                        batch_size=batch_size, num_eval_images=num_eval_images, workers=workers, data_uri=data_uri,
                        reference_uri=reference_uri, eval_split=eval_split, exact_annealed=exact_annealed)
-    run_evaluate(checkpoint, out, opts, forward=forward, storage=storage, endpoint=endpoint, device=device,
+    run_evaluate(checkpoint, out, opts, forward=forward, storage=_lookup_storage(storage), endpoint=endpoint,
+                 device=device,
                  progress=sys.stderr.isatty())
 
 
 @app.command()
 @friendly_errors
 def sample(
-    checkpoint: str = typer.Argument(..., help="Reverse run (BiFlow) or forward run (exact inverse): name, dir or URI."),
-    out: Path = typer.Option(Path("runs/samples"), help="Output directory (PNG grid + .npz of uint8 images)."),
+    checkpoint: str = typer.Argument(..., help="Reverse run (BiFlow) or forward run (exact inverse): run name, run "
+                                               "dir, checkpoint URI or `biflow export` folder."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (PNG grid + .npz of uint8 images); default "
+                                                  "runs/samples/<run>/step-<N>."),
     num: int = typer.Option(64, help="Number of samples."),
     guidance: float = typer.Option(0.0, help="Guidance scale w."),
     sampler: str = typer.Option("biflow", help="biflow (1 NFE) or exact (the flow's inverse + Tweedie)."),
     forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
-    storage: str = typer.Option("", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    storage: str = StorageOption(),
     endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
+    autoencoder: str = typer.Option("", help="Latent models: the AutoencoderKL (local folder or hub id) instead of "
+                                             "the one the model names."),
     seed: int = typer.Option(0, help="Seed of the noise and the labels."),
     device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
 ) -> None:
-    """Draw samples from a trained run; latent runs are decoded through their autoencoder."""
+    """Draw samples from a trained run or an exported model (no training data needed); latent models are decoded
+    through their autoencoder."""
     from biflow.evaluate import sample_images
 
-    sample_images(checkpoint, out, num=num, guidance=guidance, sampler=sampler, forward=forward, storage=storage,
-                  endpoint=endpoint, seed=seed, log=typer.echo, device=device, progress=sys.stderr.isatty())
+    sample_images(checkpoint, out, num=num, guidance=guidance, sampler=sampler, forward=forward,
+                  storage=_lookup_storage(storage), endpoint=endpoint, seed=seed, log=typer.echo, device=device,
+                  progress=sys.stderr.isatty(), autoencoder=autoencoder)
 
 
 @bench_app.command("sampling")
@@ -206,7 +228,7 @@ def bench_perceptual_cmd(
 @friendly_errors
 def bench_levers_cmd(
     forward: str = typer.Option(..., help="Trained forward flow: run name under --storage or a checkpoint path."),
-    storage: str = typer.Option("runs", help="Run storage the --forward run name is looked up in."),
+    storage: str = StorageOption(),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory for levers.json and .png."),
     job: str = typer.Option("quickstart", help="Reverse job under jobs/: <job>-reverse.yaml (the variants' base)."),
     steps: int = typer.Option(300, help="Optimizer steps per variant."),
@@ -222,7 +244,7 @@ def bench_levers_cmd(
         raise typer.BadParameter(f"unknown variant(s) {unknown}; allowed: {', '.join(DEFAULT_VARIANTS)}")
     chosen = {k: v for k, v in DEFAULT_VARIANTS.items() if not variant or k in variant}
     bench_levers(forward, out, job=job, steps=steps, eval_every=eval_every, batch=batch, variants=chosen,
-                 storage=storage, log=lambda msg: print(msg, flush=True))
+                 storage=_lookup_storage(storage), log=lambda msg: print(msg, flush=True))
 
 
 @bench_app.command("flow-ref")
@@ -292,9 +314,12 @@ def _split_list(values: Optional[List[str]]) -> Optional[List[str]]:
 @app.command("prepare-data")
 @friendly_errors
 def prepare_data_cmd(
-    source: str = typer.Argument("", help="Source folder (fashion-mnist: default /usr/share/datasets/fashion-mnist)."),
-    out: str = typer.Argument(..., help="Output root: local path, file:///path, s3:// or gs://bucket/prefix."),
+    paths: List[str] = typer.Argument(..., metavar="[SOURCE] OUT", show_default=False,
+                                      help="SOURCE: the images (a folder); fashion-mnist implies "
+                                           "/usr/share/datasets/fashion-mnist, so OUT alone will do. OUT: the shard "
+                                           "root: local path, file:///path, s3:// or gs://bucket/prefix."),
     format: str = typer.Option(..., "--format", help="imagenet, folder or fashion-mnist."),
+    source_opt: str = typer.Option("", "--source", help="SOURCE as an option (instead of the first argument)."),
     image_size: int = typer.Option(0, help="Resize shorter side + centre crop to N (0 = keep source size)."),
     shard_size: float = typer.Option(128.0, "--shard-size", help="Target shard size in MB."),
     split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to convert (repeatable or comma list)."),
@@ -306,8 +331,17 @@ def prepare_data_cmd(
     force: bool = typer.Option(False, help="Rewrite even when the manifest is up to date."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray instance (default: all)."),
 ) -> None:
-    """Convert images into parquet shards + manifest.json (written last) on Ray Data."""
+    """Convert images into parquet shards + manifest.json (written last) on Ray Data:
+    `biflow prepare-data SOURCE OUT --format imagenet`, or `biflow prepare-data OUT --format fashion-mnist`."""
     from biflow.data.shards import prepare_data
+    from biflow.errors import UserError
+
+    if len(paths) > 2:
+        raise UserError(f"prepare-data takes SOURCE OUT (or OUT alone), got {len(paths)} paths: {' '.join(paths)}")
+    source, out = (paths[0], paths[1]) if len(paths) == 2 else ("", paths[0])
+    if source and source_opt and source != source_opt:
+        raise UserError(f"two sources: {source!r} (argument) and --source {source_opt!r}; give one")
+    source = source or source_opt
 
     prepare_data(source, out, format, image_size=image_size, shard_size_mb=shard_size, splits=_split_list(split),
                  endpoint=endpoint, region=region, limit=limit, channels=channels, min_shards=min_shards,
@@ -366,11 +400,11 @@ def _flow_train_step(batch_size: int):
 
         from biflow.config import FlowConfig
         from biflow.losses import forward_loss
-        from biflow.models import TARFlow
+        from biflow.models import build_flow
     except ImportError:
         return None, ""
     cfg = FlowConfig()
-    flow = TARFlow(cfg)
+    flow = build_flow(cfg)
     opt = torch.optim.AdamW(flow.parameters(), 3e-4)
 
     def step(x, y):
@@ -389,25 +423,35 @@ def _flow_train_step(batch_size: int):
 @app.command()
 @friendly_errors
 def train(
-    stage: str = typer.Argument(..., help="forward (stage 1: the flow, by likelihood) or reverse (stage 2: 1-NFE model)."),
-    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. jobs/smoke-forward.yaml."),
+    args: Optional[List[str]] = typer.Argument(None, metavar="[STAGE] CONFIG", show_default=False,
+                                               help="The job YAML, e.g. jobs/quickstart-forward.yaml; its stage: key "
+                                                    "says which stage. STAGE (forward or reverse), when given, must "
+                                                    "agree with it."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The job YAML as an option (the older form)."),
     set_: Optional[List[str]] = SetOption,
     name: str = typer.Option("", help="Run name (default: the config's name). Rerunning a name resumes it."),
-    storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
-                                help="Run storage: local dir, s3:// or gs://bucket/prefix (default: $BIFLOW_STORAGE, which "
-                                     "the fleet's nodes set to their bucket, else ray.storage)."),
+    storage: str = StorageOption("the job's ray.storage"),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     workers: int = typer.Option(0, help="Ray Train workers (default: ray.workers)."),
 ) -> None:
-    """Train one stage with Ray Train + DeepSpeed; checkpoints and TensorBoard logs go to the run storage."""
+    """Train one stage with Ray Train + DeepSpeed; checkpoints and TensorBoard logs go to the run storage.
+
+    `biflow train jobs/quickstart-forward.yaml` (the file's stage: key picks the stage); `biflow train forward
+    jobs/quickstart-forward.yaml` and `biflow train forward -c jobs/quickstart-forward.yaml` do the same."""
     from biflow.config import ConfigError, load_config, read_yaml
 
+    stage, config = _stage_and_config(list(args or []), config)
+    written = read_yaml(config).get("stage")
+    if stage is None:
+        if written not in ("forward", "reverse"):
+            raise ConfigError(f"{config} has no stage: forward|reverse key; give the stage: "
+                              f"`biflow train forward {config}` or `biflow train reverse {config}`")
+        stage = written
     if stage not in ("forward", "reverse"):
         raise ConfigError(f"stage {stage!r}: allowed values: forward, reverse")
-    written = read_yaml(config).get("stage")
     if written is not None and written != stage:  # the argument must not silently override the file
         raise ConfigError(f"`biflow train {stage}` but {config} says stage: {written}; "
-                          f"run `biflow train {written} -c {config}`, or change the file's stage")
+                          f"run `biflow train {config}`, or change the file's stage")
     cfg = load_config(config, [*(set_ or []), f"stage={stage}"])
     from biflow.train import fit
 
@@ -418,6 +462,32 @@ def train(
     if result.checkpoint is not None:
         typer.echo(f"checkpoint: {result.checkpoint.path}")
     typer.echo(f"TensorBoard: tensorboard --logdir {result.path}/tensorboard")
+
+
+def _config_arg(args: list[str], config: Optional[Path], command: str) -> Path:
+    """The YAML of a command, given as its argument (the form every command shares) or with -c."""
+    from biflow.errors import UserError
+
+    if config is not None and args:
+        raise UserError(f"`biflow {command}` got the YAML twice ({' '.join(args)} and -c {config}); give it once")
+    if config is None and not args:
+        raise UserError(f"`biflow {command}` needs its YAML: `biflow {command} FILE.yaml`")
+    if len(args) > 1:
+        raise UserError(f"`biflow {command}` takes one YAML, got {' '.join(args)}")
+    return config if config is not None else Path(args[0])
+
+
+def _stage_and_config(args: list[str], config: Optional[Path]) -> tuple[Optional[str], Path]:
+    """`train [STAGE] CONFIG` or `train STAGE -c CONFIG`: (stage or None, config)."""
+    from biflow.errors import UserError
+
+    if config is None and len(args) == 1 and args[0] in ("forward", "reverse"):
+        raise UserError(f"`biflow train {args[0]}` needs the job YAML: `biflow train {args[0]} FILE.yaml`")
+    if len(args) > 2:
+        raise UserError(f"`biflow train` takes [STAGE] CONFIG, got {' '.join(args)}")
+    first_is_yaml = bool(args) and (args[0].endswith((".yaml", ".yml")) or Path(args[0]).is_file())
+    stage = args[0] if (len(args) == 2 or (config is not None and args and not first_is_yaml)) else None
+    return stage, _config_arg(args[1:] if stage is not None else args, config, "train")
 
 
 @app.command()
@@ -468,19 +538,21 @@ def _mapping_option(flag: str, value: str) -> dict | None:
 @app.command("tune")
 @friendly_errors
 def tune_cmd(
-    config: Path = typer.Option(..., "--config", "-c", help="Search YAML, e.g. jobs/tune/smoke.yaml."),
+    args: Optional[List[str]] = typer.Argument(None, metavar="CONFIG", show_default=False,
+                                               help="Search YAML, e.g. jobs/tune/smoke.yaml."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The search YAML as an option (the older "
+                                                                         "form)."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a search key (num_samples=4) or a base job key (base.train.steps=100)."),
     name: str = typer.Option("", help="Search name (default: the YAML's name). Rerunning a name resumes it."),
-    storage: str = typer.Option("", envvar="BIFLOW_STORAGE",
-                                help="Search storage: local dir, s3:// or gs://bucket/prefix (default: $BIFLOW_STORAGE, "
-                                     "else base ray.storage)."),
+    storage: str = StorageOption("the base job's ray.storage"),
     address: str = typer.Option("", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     out: Optional[Path] = typer.Option(None, help="Results directory (default: STORAGE/NAME/results)."),
 ) -> None:
     """Ray Tune search (Optuna + ASHA) over noise level, guidance and loss weights; writes best.yaml."""
     from biflow.tune import search
 
+    config = _config_arg(list(args or []), config, "tune")
     summary = search(config, set_, name=name, storage=storage, address=address, out=out, log=typer.echo)
     if summary.get("best") is None:
         from biflow.errors import UserError
@@ -492,16 +564,24 @@ def tune_cmd(
 @app.command("export")
 @friendly_errors
 def export_cmd(
-    checkpoint: str = typer.Argument(..., help="Run name, run dir or checkpoint dir/URI (the latest checkpoint of a run)."),
-    out: Path = typer.Argument(..., help="Output .safetensors file (config .yaml written beside it), or a directory."),
-    storage: str = typer.Option("runs", help="Run storage to look run names up in (local dir, s3:// or gs://)."),
+    checkpoint: str = typer.Argument(..., help="Run name, run dir or checkpoint dir/URI (the latest checkpoint of a "
+                                               "run)."),
+    out: Optional[Path] = typer.Argument(None, help="The folder to write (default runs/models/<run>)."),
+    storage: str = StorageOption(),
     endpoint: str = typer.Option("", help="Storage endpoint: S3-compatible store or GCS emulator."),
+    forward: str = typer.Option("", help="Forward checkpoint; default: the reverse run's train.forward_checkpoint."),
+    flow: bool = typer.Option(True, "--flow/--no-flow", help="Include the forward flow's weights (needed by the "
+                                                             "exact sampler and evaluation; 1-NFE sampling works "
+                                                             "without them)."),
+    results: Optional[Path] = typer.Option(None, help="A results.json of `biflow evaluate` for the model card "
+                                                      "(default: the evaluation of these checkpoints, if found)."),
 ) -> None:
-    """Write a checkpoint's EMA weights as safetensors, with the run's config."""
-    from biflow.train.checkpoint import export
+    """Write a self-contained model folder: EMA weights (reverse + flow), both configs, the latent codec, a
+    README card. Load it with `BiFlow.from_pretrained(folder)`, `biflow sample folder` or `biflow evaluate folder`."""
+    from biflow.pretrained import export
 
-    path = export(checkpoint, out, storage, endpoint)
-    typer.echo(f"wrote {path} and {path.with_suffix('.yaml')}")
+    export(checkpoint, out, _lookup_storage(storage), endpoint, forward=forward, with_flow=flow, results=results,
+           log=typer.echo)
 
 
 def main() -> None:

@@ -32,9 +32,55 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
-class FlowConfig:
-    """Forward flow F (TARFlow): autoregressive affine blocks over patch tokens."""
+class GlowConfig:
+    """``flow.family: glow`` (Kingma & Dhariwal 2018): per level a squeeze, flow.num_blocks / levels
+    steps of actnorm -> invertible 1x1 convolution (LU) -> affine coupling (label-conditioned),
+    then a split that factors half the channels out (every level but the last)."""
 
+    levels: int = 2  # multi-scale levels L; image_size must divide by 2^L
+    hidden: int = 128  # channels of each coupling network
+    coupling: Literal["affine", "additive"] = "affine"
+
+    def validate(self, path: str, flow: "FlowConfig") -> None:
+        _positive(self, path, "levels", "hidden")
+        if flow.num_blocks % self.levels:
+            raise ConfigError(f"{path}.levels={self.levels} does not divide flow.num_blocks={flow.num_blocks} "
+                              f"(the steps are split evenly over the levels)")
+        if flow.image_size % 2**self.levels:
+            raise ConfigError(f"{path}.levels={self.levels}: flow.image_size={flow.image_size} must divide by "
+                              f"2^{self.levels} (one squeeze per level)")
+
+
+@dataclass
+class ResFlowConfig:
+    """``flow.family: resflow`` (Chen et al. 2019): flow.num_blocks residual blocks x + g(x) with
+    spectrally normalised convolutions and LipSwish, Lip(g) < 1; an unbiased log-det by a power
+    series with Russian-roulette truncation; the inverse by fixed-point iteration."""
+
+    hidden: int = 64  # channels inside each residual branch
+    coeff: float = 0.98  # Lipschitz bound of each branch (spectral-norm target)
+    n_power_iter: int = 1  # power iterations per training forward (5 more after weights are loaded)
+    exact_terms: int = 2  # series terms always computed before the roulette
+    roulette_p: float = 0.5  # P(stop) after each further term (geometric truncation)
+    squeeze: bool = True  # one squeeze first (C x H x W -> 4C x H/2 x W/2): wider convolutions
+    inverse_tol: float = 1e-6  # fixed-point stop: max |x_{k+1} - x_k|
+    inverse_max_iter: int = 200
+
+    def validate(self, path: str, flow: "FlowConfig") -> None:
+        _positive(self, path, "hidden", "n_power_iter", "inverse_tol", "inverse_max_iter")
+        _ranges(path, [("coeff", 0 < self.coeff < 1, "in (0, 1): the inverse exists only for Lip(g) < 1"),
+                       ("exact_terms", self.exact_terms >= 1, ">= 1"),
+                       ("roulette_p", 0 < self.roulette_p < 1, "in (0, 1)")], self)
+        if self.squeeze and flow.image_size % 2:
+            raise ConfigError(f"{path}.squeeze: flow.image_size={flow.image_size} must be even")
+
+
+@dataclass
+class FlowConfig:
+    """Forward flow F: TARFlow (autoregressive affine blocks over patch tokens) by default,
+    or another family (``family``) with its nested settings."""
+
+    family: Literal["tarflow", "glow", "resflow"] = "tarflow"
     size: str = ""  # registry name such as "B/2"; explicit fields override it
     image_size: int = 28
     channels: int = 1
@@ -54,6 +100,8 @@ class FlowConfig:
     # a LayerNorm before each block's output projection; off, as in ml-tarflow: with it the flow's
     # held-out NLL came out 0.011 (width 96) and 0.049 (width 128) nats/dim worse at the same budget
     out_norm: bool = False
+    glow: GlowConfig = field(default_factory=GlowConfig)  # family: glow
+    resflow: ResFlowConfig = field(default_factory=ResFlowConfig)  # family: resflow
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> "FlowConfig":
@@ -87,6 +135,10 @@ class FlowConfig:
         _unit_interval(self, path, "label_drop")
         if self.noise_std < 0 or self.clip < 0 or self.alpha_soft_clip < 0:
             raise ConfigError(f"{path}: noise_std, clip and alpha_soft_clip must be >= 0")
+        if self.family == "glow":
+            self.glow.validate(f"{path}.glow", self)
+        elif self.family == "resflow":
+            self.resflow.validate(f"{path}.resflow", self)
 
 
 @dataclass
@@ -112,6 +164,7 @@ class ReverseConfig:
     """Reverse model G (BiFlow): bidirectional ViT, 1 NFE from noise to image."""
 
     size: str = ""
+    patch_size: int = 0  # G's own patch size; 0 = flow.patch_size (families without patches keep its default)
     width: int = 128
     depth: int = 8  # transformer layers, split into num_blocks alignment segments
     num_heads: int = 4
@@ -164,6 +217,8 @@ class ReverseConfig:
 
     def validate(self, path: str = "reverse") -> None:
         _positive(self, path, "width", "depth", "num_heads")
+        if self.patch_size < 0:
+            raise ConfigError(f"{path}.patch_size must be >= 0 (0 = flow.patch_size), got {self.patch_size}")
         if self.width % self.num_heads:
             raise ConfigError(f"{path}.num_heads={self.num_heads} does not divide {path}.width={self.width}")
         if self.denoise_depth < 0:
@@ -186,6 +241,10 @@ class ReverseConfig:
     def check_flow(self, flow: FlowConfig, flow_source: str = "") -> None:
         """One reverse segment per forward block: ``depth >= flow.num_blocks``.
         Checked where the flow is known (its checkpoint, or the model's constructor)."""
+        p = self.patch_size or flow.patch_size
+        if flow.image_size % p:
+            raise ConfigError(f"reverse.patch_size={p} does not divide flow.image_size={flow.image_size}"
+                              f"{' of ' + flow_source if flow_source else ''}")
         if self.depth < flow.num_blocks:
             raise ConfigError(f"reverse.depth={self.depth} must be >= flow.num_blocks={flow.num_blocks}"
                               f"{' of ' + flow_source if flow_source else ''}: every forward block needs at "

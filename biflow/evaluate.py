@@ -74,14 +74,16 @@ def device_option(device: str | torch.device = "auto") -> torch.device:
 
 def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, seed: int,
              device: str | torch.device = "cpu", codec=None, annealed: bool = False,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, labels: torch.Tensor | None = None, flow_config=None) -> torch.Tensor:
     """n samples from ``sampler`` ('biflow' or 'exact'), deterministic in seed: images in
     [-1, 1], latents decoded through ``codec`` (a :class:`~biflow.data.latents.LatentCodec`)
     when given, else the model's own space (latents stay unclamped). ``annealed``: the
-    exact sampler's guidance ramps over the decode steps (ml-tarflow's option)."""
+    exact sampler's guidance ramps over the decode steps (ml-tarflow's option). ``labels``:
+    one class per sample (default: seed, seed + 1, ... modulo the classes). ``flow`` may be
+    None for the 1-NFE sampler without a Tweedie step, given ``flow_config``."""
     from biflow.sampling import sample_biflow, sample_biflow_cfg, sample_exact, tweedie_denoise
 
-    cfg = flow.config
+    cfg = flow_config or flow.config
     out = []
     bar = None
     if progress:
@@ -92,7 +94,8 @@ def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, 
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + start)  # on the CPU: the same samples on any device
         z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-        y = _labels(b, cfg.num_classes, seed + start)
+        y = _labels(b, cfg.num_classes, seed + start) if labels is None or not cfg.num_classes \
+            else labels[start:start + b]
         y = None if y is None else y.to(device)
         if sampler in ("biflow", "biflow-cfg2"):
             if sampler == "biflow":
@@ -165,16 +168,27 @@ def sample_features(checkpoint: str, forward: str, storage: str, endpoint: str, 
     return np.concatenate(ray.get(refs))
 
 
-def latent_codec(data_cfg, manifest=None, device: str | torch.device = "cpu"):
-    """The frozen autoencoder of a latent data set, or None for pixel data."""
+def latent_codec(data_cfg, manifest=None, device: str | torch.device = "cpu", info: dict | None = None):
+    """The frozen autoencoder of a latent data set, or None for pixel data. ``info``, the record
+    a checkpoint or an export keeps (:func:`~biflow.data.latents.latent_info`), spares reading
+    the shards' manifest; pixel runs read nothing."""
+    from biflow.data.latents import LatentCodec
     from biflow.data.shards import read_manifest
 
+    if info is not None:
+        return LatentCodec.from_info(info, data_cfg.autoencoder, device)
+    if manifest is None and data_cfg.kind != "latents":
+        return None
     manifest = manifest or read_manifest(data_cfg.uri, data_cfg.endpoint, data_cfg.region)
     if manifest.kind != "latents":
         return None
-    from biflow.data.latents import LatentCodec
-
     return LatentCodec.from_manifest(manifest, data_cfg.autoencoder, device)
+
+
+def default_out(kind: str, name: str, step: int) -> Path:
+    """Where `biflow evaluate` / `biflow sample` write without --out: one folder per run and
+    step (``runs/eval/<run>/step-<N>``), so evaluating another run never overwrites this one."""
+    return Path("runs") / kind / (name or "model") / (f"step-{step}" if step >= 0 else "latest")
 
 
 def reference_data(data_cfg, manifest, reference_uri: str = ""):
@@ -191,12 +205,16 @@ def reference_data(data_cfg, manifest, reference_uri: str = ""):
     return dataclasses.replace(data_cfg, uri=uri, kind="pixels")
 
 
-def sample_images(checkpoint: str, out_dir: str | Path, num: int = 64, guidance: float = 0.0,
+def sample_images(checkpoint: str, out_dir: str | Path | None = None, num: int = 64, guidance: float = 0.0,
                   sampler: str = "biflow", forward: str = "", storage: str = "", endpoint: str = "",
                   batch_size: int = 64, seed: int = 0, log: Log = print, device: str = "auto",
-                  progress: bool = False) -> dict[str, Any]:
-    """``biflow sample``: images from a trained run (latents decoded), as a PNG grid and
-    an .npz of uint8 images with their labels, generated on ``device`` (:func:`device_option`)."""
+                  progress: bool = False, autoencoder: str = "") -> dict[str, Any]:
+    """``biflow sample``: images from a trained run, checkpoint or export folder (latents
+    decoded), as a PNG grid and an .npz of uint8 images with their labels, generated on
+    ``device`` (:func:`device_option`). No training data is read. ``out_dir`` defaults to
+    :func:`default_out`."""
+    import dataclasses
+
     from biflow.metrics import save_grid
 
     if sampler not in ("biflow", "exact"):
@@ -205,16 +223,20 @@ def sample_images(checkpoint: str, out_dir: str | Path, num: int = 64, guidance:
     flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
     if sampler == "biflow" and rev_l is None:
         raise UserError(f"{checkpoint!r} is a forward (stage-1) run: use --sampler exact, or give a reverse run")
-    cfg = (rev_l or flow_l).config
-    codec = latent_codec(cfg.data, device=dev)
+    main = rev_l or flow_l
+    if flow_l.model is None and (sampler == "exact" or rev_l.config.reverse.denoise == "tweedie"):
+        raise UserError(f"--sampler {sampler}: {checkpoint} holds no forward flow weights (exported with "
+                        "--no-flow); export it again with the flow, or use --sampler biflow")
+    data = dataclasses.replace(main.config.data, autoencoder=autoencoder) if autoencoder else main.config.data
+    codec = latent_codec(data, device=dev, info=main.latents)
     t0 = time.perf_counter()
     x = generate(flow_l.model, rev_l.model if rev_l else None, sampler, num, guidance, batch_size, seed, dev, codec,
-                 progress=progress)
+                 progress=progress, flow_config=flow_l.config.flow)
     seconds = time.perf_counter() - t0
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir else default_out("samples", main.name, main.step)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(x, out / f"samples-{sampler}-w{guidance:g}.png", nrow=max(1, int(math.sqrt(num))))
-    labels = _labels(num, flow_l.model.config.num_classes, seed)
+    labels = _labels(num, flow_l.config.flow.num_classes, seed)
     images = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
     npz = out / f"samples-{sampler}-w{guidance:g}.npz"
     np.savez_compressed(npz, images=images, labels=labels.numpy() if labels is not None else np.zeros(0))
@@ -247,7 +269,7 @@ class EvalOptions:
     eval_split: str = ""  # override the run's data.eval_split (held-out images)
 
 
-def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = None, forward: str = "",
+def evaluate(checkpoint: str, out_dir: str | Path | None = None, opts: EvalOptions | None = None, forward: str = "",
              storage: str = "", endpoint: str = "", log: Log = print, device: str = "auto",
              progress: bool = False) -> dict[str, Any]:
     """Latent runs are evaluated in pixel space: samples and reconstructions are decoded
@@ -266,12 +288,15 @@ def evaluate(checkpoint: str, out_dir: str | Path, opts: EvalOptions | None = No
 
     opts = opts or EvalOptions()
     t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = device_option(device)
     flow_l, rev_l = load_pair(checkpoint, forward, storage, endpoint, device=dev)
+    if flow_l.model is None:
+        raise UserError(f"{checkpoint} holds no forward flow weights (exported with --no-flow): evaluation needs the "
+                        "flow (bits/dim, the exact sampler); export it again with the flow, or evaluate the run")
     flow, rev = flow_l.model, rev_l.model if rev_l else None
     cfg = (rev_l or flow_l).config
+    out = Path(out_dir) if out_dir else default_out("eval", (rev_l or flow_l).name, (rev_l or flow_l).step)
+    out.mkdir(parents=True, exist_ok=True)
     fcfg = flow.config
     data_cfg = cfg.data
     if opts.data_uri:

@@ -88,7 +88,8 @@ def rms(x: Tensor, eps: float) -> Tensor:
     return x.pow(2).flatten(1).mean(1).add(eps).sqrt().reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: float = 1e-6) -> Tensor:
+def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: float = 1e-6,
+                       mask: Tensor | None = None) -> Tensor:
     """Per-sample MSE between a projected hidden state and its forward-trajectory target.
 
     With norm control both sides are divided by their own per-sample RMS first (the
@@ -96,8 +97,14 @@ def alignment_distance(pred: Tensor, target: Tensor, norm_control: bool, eps: fl
     depth counts alike, whatever the scale of its state. Dividing the error by a
     stop-gradient constant instead would be undone by the adaptive weight (p = 1): only
     normalising the prediction itself changes the gradient.
+
+    ``mask`` (C, H, W), from a multi-scale flow: only the dimensions the state still
+    transforms count (the factored-out ones already hold their final z values).
     """
     pred, target = pred.float(), target.detach().float()
+    if mask is not None:
+        keep = mask.to(pred.device).bool()
+        pred, target = pred[:, keep], target[:, keep]
     if norm_control:
         pred, target = pred / rms(pred, eps), target / rms(target, eps)
     return (pred - target).pow(2).flatten(1).mean(1)
@@ -153,6 +160,10 @@ class TrainingPair:
     x_noisy: Tensor
     y: Tensor | None
     states: list[Tensor]
+    masks: list[Tensor | None] | None = None  # multi-scale flows: per state, the dims still active
+
+    def mask(self, k: int) -> Tensor | None:
+        return self.masks[k] if self.masks else None
 
     def target(self, rcfg: ReverseConfig) -> Tensor:
         """What G's output is supervised with: the clean x (learned denoising), or x~ itself
@@ -167,8 +178,9 @@ def make_pairs(flow, x: Tensor, y: Tensor | None, fcfg: FlowConfig,
     x_noisy = x + fcfg.noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     y_in = drop_labels(y, fcfg.label_drop, fcfg.num_classes, generator)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        traj = flow(x_noisy.float(), y_in)
-    return TrainingPair(x=x, x_noisy=x_noisy, y=y_in, states=[s.detach() for s in traj.states])
+        traj = flow.trajectory(x_noisy.float(), y_in) if hasattr(flow, "trajectory") else flow(x_noisy.float(), y_in)
+    return TrainingPair(x=x, x_noisy=x_noisy, y=y_in, states=[s.detach() for s in traj.states],
+                        masks=getattr(traj, "masks", None))
 
 
 def reverse_loss(rev, flow, x: Tensor, y: Tensor | None, rcfg: ReverseConfig, fcfg: FlowConfig,
@@ -232,7 +244,8 @@ def reverse_objective(rev, pair: TrainingPair, rcfg: ReverseConfig, fcfg: FlowCo
         x_hat = combine(x_hat, unc.x)
 
     p, eps = rcfg.adaptive_p, rcfg.adaptive_eps
-    align_terms = [alignment_distance(pred, states[k], rcfg.norm_control) for k, pred in enumerate(preds)]
+    align_terms = [alignment_distance(pred, states[k], rcfg.norm_control, mask=pair.mask(k))
+                   for k, pred in enumerate(preds)]
     align = torch.stack([adaptive_weight(t, p, eps) for t in align_terms])
     align = align.sum(0) if rcfg.align_reduce == "sum" else align.mean(0)
     target = pair.target(rcfg)

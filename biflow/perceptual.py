@@ -429,22 +429,37 @@ def _weights_path(cfg: PerceptualConfig) -> Path:
     return path
 
 
-def build_feature_net(cfg: PerceptualConfig) -> FeatureNet | None:
-    """The frozen feature network named by ``cfg.network`` (on CPU; move it
-    with ``.to(device)``), or None for ``network='none'``."""
-    builders = {"inception": InceptionFeatures, "vgg": build_vgg16, "convnext": build_convnext}
+_NETWORKS = {"inception": InceptionFeatures, "vgg": VGG16Features, "convnext": ConvNeXtV2Features}
+_BUILDERS = {"inception": InceptionFeatures, "vgg": build_vgg16, "convnext": build_convnext}
+
+
+def check_settings(cfg: PerceptualConfig) -> None:
+    """Every setting a worker would reject, checked without building the network: the
+    driver runs this before Ray starts (only the weights file's contents wait for the
+    worker). Messages name the key."""
     if cfg.network == "none":
-        return None
-    if cfg.network not in builders:
+        return
+    if cfg.network not in _NETWORKS:
         raise UserError(f"reverse.perceptual.network={cfg.network!r}; allowed: inception, vgg, convnext, none")
-    net = builders[cfg.network](cfg)
+    net = _NETWORKS[cfg.network]
+    if cfg.network != "inception":
+        _weights_path(cfg)
+    net.select_taps(cfg)
     if cfg.resize and cfg.resize < net.min_size:
         raise UserError(f"reverse.perceptual.resize={cfg.resize} is too small for {cfg.network} (min {net.min_size})")
     if not 0 < cfg.crop <= 1:
         raise UserError(f"reverse.perceptual.crop={cfg.crop} must be in (0, 1]")
     if not 0 < cfg.rows <= 1:
         raise UserError(f"reverse.perceptual.rows={cfg.rows} must be in (0, 1]")
-    return net
+
+
+def build_feature_net(cfg: PerceptualConfig) -> FeatureNet | None:
+    """The frozen feature network named by ``cfg.network`` (on CPU; move it
+    with ``.to(device)``), or None for ``network='none'``."""
+    check_settings(cfg)
+    if cfg.network == "none":
+        return None
+    return _BUILDERS[cfg.network](cfg)
 
 
 # ---------------------------------------------------------------------------

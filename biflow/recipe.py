@@ -7,7 +7,8 @@ the Fashion-MNIST quality run is ``biflow recipe jobs/eval/fashion-mnist.yaml``.
 
 Every step is idempotent: rerunning resumes training from the latest
 checkpoints and reuses the shards. Results go to ``OUT/eval/results.json``
-with the goals checked (``goals`` section) and the wall time of every step.
+with the goals checked (``goals`` section) and the wall time of every step;
+the trained pair is exported to ``OUT/model`` (:mod:`biflow.pretrained`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ class AblationSpec:
 
 
 @dataclass
+class FamilySpec:
+    """One row of a forward-family comparison: its own forward job and the reverse job that
+    inverts it (paths relative to the recipe), trained under the recipe's shared overrides."""
+
+    name: str = ""
+    description: str = ""
+    forward: StageSpec = field(default_factory=StageSpec)
+    reverse: StageSpec = field(default_factory=StageSpec)
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -92,28 +104,33 @@ class Recipe:
     # reverse variants on the same forward flow and budget (the first is usually the full model);
     # with ablations the recipe trains each, scores BiFlow only, and writes a table and chart
     ablations: list[AblationSpec] = field(default_factory=list)
+    # forward families (biflow.families): per row a forward flow and its reverse model, both samplers
+    # scored; writes families.{md,json} to ``report``
+    families: list[FamilySpec] = field(default_factory=list)
     # also write the results here (relative to the repo root): results.{json,md} and the sample grids,
     # or with ablations ablation.{md,png,json}; "" = only OUT/eval
     report: str = ""
     path: str = ""  # where it was loaded from (set by load_recipe)
 
-    def stage_configs(self, out: Path, workers: int,
-                      overrides: list[str]) -> tuple[ExperimentConfig, ExperimentConfig]:
+    def stage_configs(self, out: Path, workers: int, overrides: list[str],
+                      family: FamilySpec | None = None) -> tuple[ExperimentConfig, ExperimentConfig]:
         """(forward, reverse) job configs with the recipe's and the caller's overrides,
-        reading and writing under ``out``; run names derive from the recipe's name.
-        ``workers`` 0 picks the layout with :func:`auto_layout`."""
+        reading and writing under ``out``; run names derive from the recipe's name (and the
+        ``family`` row's, whose own jobs replace the recipe's). ``workers`` 0 picks the layout
+        with :func:`auto_layout`."""
         base = Path(self.path).parent if self.path else Path()
+        prefix = f"{self.name}-{family.name}" if family else self.name
         configs = []
         for stage in ("forward", "reverse"):
-            spec: StageSpec = getattr(self, stage)
+            spec: StageSpec = getattr(family or self, stage)
             if workers:
                 layout = [f"ray.workers={workers}"]
             else:
                 layout = auto_layout(load_config(base / spec.job, [*spec.set, *overrides]))
-            fixed = [f"name={self.name}-{stage}", f"stage={stage}", f"data.uri={out / 'data'}",
+            fixed = [f"name={prefix}-{stage}", f"stage={stage}", f"data.uri={out / 'data'}",
                      f"ray.storage={out / 'runs'}", *layout]
             if stage == "reverse":
-                fixed.append(f"train.forward_checkpoint={self.name}-forward")
+                fixed.append(f"train.forward_checkpoint={prefix}-forward")
             configs.append(load_config(base / spec.job, [*spec.set, *fixed, *overrides]))
         fwd, rev = configs
         rev.flow = fwd.flow  # the flow G inverts is stage 1's (training reads it from its checkpoint)
@@ -170,9 +187,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise ConfigError(f"recipe {path}: {stage}.job={spec.job!r} not found (looked for {job})")
     if recipe.workers < 0:
         raise ConfigError(f"recipe {path}: workers must be >= 1, or 0 for the automatic layout; got {recipe.workers}")
-    names = [a.name for a in recipe.ablations]
-    if any(not n or not n.replace("-", "").replace("_", "").isalnum() for n in names) or len(set(names)) != len(names):
-        raise ConfigError(f"recipe {path}: ablations need distinct names of letters, digits, - and _; got {names}")
+    for kind, rows in (("ablations", recipe.ablations), ("families", recipe.families)):
+        names = [a.name for a in rows]
+        if any(not n or not n.replace("-", "").replace("_", "").isalnum() for n in names) or \
+                len(set(names)) != len(names):
+            raise ConfigError(f"recipe {path}: {kind} need distinct names of letters, digits, - and _; got {names}")
+    for row in recipe.families:
+        for stage in ("forward", "reverse"):
+            job = Path(recipe.path).parent / getattr(row, stage).job
+            if not job.is_file():
+                raise ConfigError(f"recipe {path}: families[{row.name}].{stage}.job={getattr(row, stage).job!r} "
+                                  f"not found (looked for {job})")
+        recipe.stage_configs(Path("/nonexistent"), 1, [], row)  # every row's jobs load and agree, before any run
     return recipe
 
 
@@ -206,6 +232,10 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     t = time.time()
     prepare_data(ds.source, fwd_cfg.data.uri, ds.format, image_size=ds.image_size, limit=ds.limit)
     timings["data_s"] = time.time() - t
+    if recipe.families:
+        from biflow.families import run_families
+
+        return run_families(recipe, out, workers, overrides, ev, timings, t0, log)
 
     log(f"[2/4] stage 1: forward flow (TARFlow) {fwd_cfg.name}, {layout_text(fwd_cfg)}")
     t = time.time()
@@ -235,6 +265,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     results["goals"] = check_goals(results, recipe.goals)
     (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
     log(summary_table(results, rev_cfg.ray.storage, recipe))
+    from biflow.pretrained import export
+
+    # the trained pair as a model to hand over, its card carrying these figures
+    model = export(rev_cfg.name, out / "model", rev_cfg.ray.storage, rev_cfg.ray.storage_endpoint,
+                   results=out / "eval" / "results.json", log=log)
+    log(f"sample it: biflow sample {model}   or in Python: BiFlow.from_pretrained({str(model)!r}).sample(16)")
     if recipe.report:
         report = write_results_report(results, recipe, JOBS_DIR.parent / recipe.report)
         log(f"report: {report}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -171,6 +172,39 @@ def test_cli_prepare_data_folder(imagenet_tree, tmp_path, ray_local):
     m = read_manifest(str(out))
     assert m.data["source"]["format"] == "folder"
     assert m.records("train") == 24 and m.split("train")["num_skipped"] == 5 and m.image_size == 24
+
+
+def test_cli_prepare_data_takes_source_then_out_or_out_alone(tmp_path, ray_local):
+    """`prepare-data OUT` where the format implies the source (Fashion-MNIST's Debian folder), the same
+    as `SOURCE OUT`, `--source SOURCE OUT` and the older `"" OUT`; a format without one says so."""
+    from typer.testing import CliRunner
+
+    from biflow.cli import app
+    from biflow.data.sources import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian dataset-fashion-mnist is not installed (make dataset)")
+    opts = ["--format", "fashion-mnist", "--split", "test", "--limit", "300", "--min-shards", "1"]
+    forms = {"out alone": [], "source out": [FASHION_MNIST_DIR], "older form": [""]}
+    manifests = {}
+    for name, before in forms.items():
+        out = tmp_path / name.replace(" ", "-")
+        res = CliRunner().invoke(app, ["prepare-data", *before, str(out), *opts])
+        assert res.exit_code == 0, res.output
+        manifests[name] = read_manifest(str(out))
+    res = CliRunner().invoke(app, ["prepare-data", str(tmp_path / "opt"), "--source", FASHION_MNIST_DIR, *opts])
+    assert res.exit_code == 0, res.output
+    manifests["--source"] = read_manifest(str(tmp_path / "opt"))
+    assert {m.records("test") for m in manifests.values()} == {300}
+    assert len({m.data["source"]["path"] for m in manifests.values()}) == 1
+    for args, message in [
+        ([str(tmp_path / "x"), "--format", "folder"], "--format folder needs the source folder: `biflow prepare-data "
+                                                      "SOURCE OUT --format folder`"),
+        (["a", "b", "c", "--format", "folder"], "prepare-data takes SOURCE OUT (or OUT alone), got 3 paths: a b c"),
+        (["a", "b", "--source", "c", "--format", "folder"], "two sources: 'a' (argument) and --source 'c'; give one"),
+    ]:
+        res = CliRunner().invoke(app, ["prepare-data", *args])
+        assert res.exit_code == 2 and message in res.output, res.output
 
 
 def test_failed_run_keeps_previous_data(imagenet_tree, tmp_path, ray_local):

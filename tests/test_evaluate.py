@@ -70,15 +70,45 @@ def test_evaluate_writes_every_field(trained_pair, tmp_path):
     assert res["machine"]["device"] == "cpu"
 
 
-def test_evaluate_missing_checkpoint_is_clear(tmp_path):
+def test_evaluate_default_folder_export_card_and_evaluating_the_export(trained_pair, tmp_path, monkeypatch):
+    """Without --out, evaluate writes runs/eval/<run>/step-<N>; export finds that evaluation for its
+    card; evaluating the exported folder gives the same figures as evaluating the run."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--num-samples", "16", "--num-reference", "16", "--num-eval-images", "16", "--batch-size", "8"]
+    result = CliRunner().invoke(app, ["evaluate", "t-reverse", "--storage", str(trained_pair), *args])
+    assert result.exit_code == 0, result.output[-2000:]
+    first = tmp_path / "runs" / "eval" / "t-reverse" / "step-5" / "results.json"
+    assert first.is_file() and "wrote runs/eval/t-reverse/step-5/results.json" in result.output
+    res = json.loads(first.read_text())
+    result = CliRunner().invoke(app, ["export", "t-reverse", "model", "--storage", str(trained_pair)])
+    assert result.exit_code == 0 and "with evaluation" in result.output, result.output
+    card = (tmp_path / "model" / "README.md").read_text()
+    fid = res["samplers"]["biflow@w=0"]["fid"]
+    assert f"| biflow@w=0 | {fid:.2f} |" in card and "real vs real (floor)" in card
+    assert json.loads((tmp_path / "model" / "results.json").read_text()) == res
+    result = CliRunner().invoke(app, ["evaluate", "model", "--out", "again", *args])
+    assert result.exit_code == 0, result.output[-2000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["checkpoint"]["reverse"] == "model"
+    for key in ("biflow@w=0", "exact@w=0"):
+        assert again["samplers"][key]["fid"] == pytest.approx(res["samplers"][key]["fid"], rel=1e-6)
+    assert again["bpd"] == pytest.approx(res["bpd"], rel=1e-6)
+
+
+def test_evaluate_missing_checkpoint_is_clear(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["evaluate", "nope", "--storage", str(tmp_path)])
     assert result.exit_code == 2
     assert "CHECKPOINT='nope': no checkpoint found" in result.output
     assert f"looked in {tmp_path}/nope" in result.output  # names where it looked
-    # a bare run name with no storage to look it up in says so, instead of "looked in " and nothing
+    # a bare run name without --storage is looked up where every command looks: runs/, and says so
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BIFLOW_STORAGE", raising=False)
     result = CliRunner().invoke(app, ["evaluate", "nope"])
     assert result.exit_code == 2
-    assert "no run storage was given to look the run name up in; pass --storage" in result.output
+    assert "looked in runs/nope" in result.output
+    monkeypatch.setenv("BIFLOW_STORAGE", str(tmp_path / "fleet"))
+    result = CliRunner().invoke(app, ["evaluate", "nope"])
+    assert result.exit_code == 2 and f"looked in {tmp_path}/fleet/nope" in result.output
 
 
 def test_device_option_resolves_and_rejects_clearly():

@@ -78,7 +78,12 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str, gcs_open: str) -> 
     refused = f"http://127.0.0.1:{refused_port()}"
     data = str(tmp / "nodata")
     return [
-        ("unknown key", ["train", "forward", "-c", FWD, "--set", "train.stepz=3"], ["unknown key 'train.stepz'"]),
+        ("unknown key", ["train", "forward", "-c", FWD, "--set", "train.stepz=3"],
+         ["unknown key 'train.stepz'", "did you mean 'train.steps'?"]),
+        # numbers as people write them get past parsing: the next problem, the name, is what stops the run
+        ("scientific notation parses", ["train", FWD, "--set", "optim.lr=1e-4", "--set", "train.steps=1e3",
+                                        "--set", "optim.weight_decay=.5", "--name", "a/b"],
+         ["name='a/b': a run name must be non-empty"]),
         ("wrong type", ["train", "forward", "-c", FWD, "--set", "train.steps=lots"],
          ["train.steps", "expected an integer"]),
         ("negative batch", ["train", "forward", "-c", FWD, "--set", "train.batch_size=-4"], ["train.batch_size"]),
@@ -94,7 +99,7 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str, gcs_open: str) -> 
          ["train.zero_stage=4"]),
         ("bad stage", ["train", "sideways", "-c", FWD], ["stage 'sideways'", "forward, reverse"]),
         ("stage disagrees with the file", ["train", "forward", "-c", REV],
-         ["`biflow train forward` but", "says stage: reverse", "biflow train reverse -c"]),
+         ["`biflow train forward` but", "says stage: reverse", f"run `biflow train {REV}`"]),
         ("missing config file", ["train", "forward", "-c", str(tmp / "nope.yaml")], ["config file not found"]),
         ("malformed --set", ["train", "forward", "-c", FWD, "--set", "train.steps"], ["expected KEY=VALUE"]),
         ("name with slash", ["train", "forward", "-c", FWD, "--name", "a/b", "--storage", str(runs)],
@@ -131,6 +136,25 @@ def _cases(tmp: Path, runs: Path, s3_auth: str, s3_open: str, gcs_open: str) -> 
          ["GCS URIs must not contain credentials"]),
         ("bad endpoint scheme", ["train", "forward", "-c", FWD, "--storage", "s3://bucket/runs",
                                  "--set", "ray.storage_endpoint=ftp://127.0.0.1:21"], ["scheme must be http or https"]),
+        ("YAML as the argument, stage from the file", ["train", FWD, "--set", "train.stepz=3"],
+         ["unknown key 'train.stepz'"]),
+        ("stage and YAML as arguments, disagreeing", ["train", "forward", REV],
+         ["`biflow train forward` but", "says stage: reverse", f"run `biflow train {REV}`"]),
+        ("stage without a YAML", ["train", "forward"], ["`biflow train forward` needs the job YAML"]),
+        ("YAML given twice", ["train", FWD, "-c", FWD], ["got the YAML twice"]),
+        ("YAML without a stage key", ["train", str(tmp / "nostage.yaml")], ["has no stage: forward|reverse key",
+                                                                             "biflow train forward"]),
+        ("tune YAML as the argument", ["tune", str(tmp / "nope.yaml")], ["not found", "nope.yaml"]),
+        ("perceptual vgg without weights", ["train", REV, "--set", "reverse.perceptual_weight=0.1",
+                                            "--set", "reverse.perceptual.network=vgg"],
+         ["reverse.perceptual.network='vgg' needs reverse.perceptual.weights_path"]),
+        ("perceptual weights missing", ["train", REV, "--set", "reverse.perceptual_weight=0.1", "--set",
+                                        "reverse.perceptual.network=convnext", "--set",
+                                        f"reverse.perceptual.weights_path={tmp}/convnext.pt"],
+         [f"reverse.perceptual.weights_path: {tmp}/convnext.pt not found"]),
+        ("perceptual resize too small", ["train", REV, "--set", "reverse.perceptual_weight=0.1", "--set",
+                                         "reverse.perceptual.resize=32"],
+         ["reverse.perceptual.resize=32 is too small for inception (min 75)"]),
         ("export missing checkpoint", ["export", "nope", str(tmp / "out.safetensors"), "--storage", str(runs)],
          ["CHECKPOINT='nope'", "no checkpoint"]),
         ("submit without http address", ["submit", FWD, "--address", "127.0.0.1:6379"],
@@ -155,6 +179,7 @@ def test_bad_input_fails_before_workers_naming_the_problem(case, no_workers, bad
     import biflow.submit
 
     monkeypatch.setattr(biflow.submit, "_enable_token_auth", lambda: False)
+    (tmp_path / "nostage.yaml").write_text("name: x\ntrain:\n  steps: 3\n")
     cases = _cases(tmp_path, bad_run, s3_auth, s3_server.endpoint, gcs_server.endpoint)
     _, args, expected = next(c for c in cases if c[0] == case)
     t0 = time.perf_counter()

@@ -43,7 +43,8 @@ RECIPES = [p for p in ALL_JOBS if p.parent.name == "eval"]
 STEPS = 2
 
 # Toy sizes. Only sizes, steps, batch and intervals are changed.
-FLOW_SIZE = ["flow.width=32", "flow.depth=1", "flow.num_blocks=2", "flow.num_heads=2"]
+FLOW_SIZE = ["flow.width=32", "flow.depth=1", "flow.num_blocks=2", "flow.num_heads=2", "flow.glow.hidden=16",
+             "flow.resflow.hidden=16"]
 REVERSE_SIZE = ["reverse.width=32", "reverse.depth=2", "reverse.num_heads=2", "reverse.perceptual.resize=75"]
 TRAIN_SIZE = [f"train.steps={STEPS}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=1",
               f"train.sample_every={STEPS}", "optim.warmup_steps=1", "ray.workers=1", "ray.cpus_per_worker=1",
@@ -81,7 +82,7 @@ def train_args(path: Path, data: jobdata.JobData, storage: Path) -> list[str]:
     if cfg.stage == "reverse":  # its flow comes from the forward checkpoint; data as the forward job's
         cfg = load_config(path.with_name(path.name.replace("-reverse", "-forward")))
     sets = [*FLOW_SIZE, *REVERSE_SIZE, *TRAIN_SIZE, f"data.uri={data_for(cfg, data)}", f"ray.storage={storage}"]
-    return ["train", load_config(path).stage, "--config", path, *[x for s in sets for x in ("--set", s)]]
+    return ["train", path, *[x for s in sets for x in ("--set", s)]]  # the stage comes from the file
 
 
 def assert_checkpoint_and_grid(run: Path, latent: bool) -> None:
@@ -157,7 +158,7 @@ def search_args(path: Path, data: jobdata.JobData, storage: Path) -> list[str]:
             cfg = load_config(job_path.with_name(job_path.name.replace("-reverse", "-forward")))
         sets += [f"{prefix}.{s}" for s in [*FLOW_SIZE, *REVERSE_SIZE, *TRAIN_SIZE, f"data.uri={data_for(cfg, data)}",
                                            f"ray.storage={storage}"]]
-    return ["tune", "--config", path, "--name", path.stem, *[x for s in sets for x in ("--set", s)]]
+    return ["tune", path, "--name", path.stem, *[x for s in sets for x in ("--set", s)]]
 
 
 @pytest.mark.parametrize("path", tiered(SEARCHES, lambda p: p.name))
@@ -187,6 +188,17 @@ def test_recipe_runs(path, tmp_path, fashion_mnist_dir, ray_local):
     cli("recipe", path, "--out", tmp_path, *[x for s in sets for x in ("--set", s)])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     spec = read_yaml(path)
+    if spec.get("families"):  # per family a forward flow and its reverse model, both samplers scored
+        assert [r["family"] for r in results["rows"]] == [f["name"] for f in spec["families"]]
+        for r in results["rows"]:
+            assert r["forward_steps"] == r["reverse_steps"] == STEPS
+            assert all(np.isfinite(r[k]) for k in ("fid_biflow", "fid_exact", "bpd_dequantized", "speedup_b16"))
+            assert (r["fixed_point_iterations"] is not None) == (r["flow_family"] == "resflow")
+            for stage in ("forward", "reverse"):
+                assert_checkpoint_and_grid(tmp_path / "runs" / f"{results['recipe']['name']}-{r['family']}-{stage}",
+                                           latent=False)
+        assert {r["flow_family"] for r in results["rows"]} == {"tarflow", "glow", "resflow"}
+        return
     if spec.get("ablations"):  # one reverse run per row, each scored by its own sampler
         names = [a["name"] for a in spec["ablations"]]
         guidance = spec.get("evaluate", {}).get("guidance", [0.0, 1.0])

@@ -29,3 +29,9 @@ def test_quickstart_end_to_end_short(tmp_path, fashion_mnist_dir):
         assert (out / "eval" / r["grid"].split("/")[-1]).stat().st_size > 500
     assert 0 < res["bpd"] < 10 and res["recon_psnr_db"] > 5
     assert res["timings"]["total_s"] > 0
+    # the trained pair is left as a model folder that loads and samples in one call
+    from biflow.pretrained import BiFlow
+
+    model = BiFlow.from_pretrained(out / "model")
+    assert model.info["step"] == 30 and model.sample(4, guidance=1.0).shape == (4, 1, 28, 28)
+    assert f"{res['samplers']['biflow@w=1']['fid']:.2f}" in (out / "model" / "README.md").read_text()

@@ -120,11 +120,15 @@ def test_zero2_checkpoints_to_s3_stops_on_nans_and_resumes(s3_server, train_data
 
     # export the EMA weights from S3 and load them into a fresh flow
     from biflow.models import TARFlow
+    from biflow.pretrained import BiFlow, export
 
-    out = ckpt_io.export("fwd-z2", Path(tempfile.mkdtemp()) / "fwd.safetensors", uri, s3_server.endpoint)
-    state, config = ckpt_io.load_exported(out)
-    cfg = load_config(config)
-    TARFlow(cfg.flow).load_state_dict(state, strict=True)
+    out = export("fwd-z2", Path(tempfile.mkdtemp()) / "fwd", uri, s3_server.endpoint)
+    model = BiFlow.from_pretrained(out)
+    assert model.reverse is None and model.info["step"] == 10
+    TARFlow(model.forward_config.flow).load_state_dict(model.flow.state_dict(), strict=True)
+    exported = model.flow.state_dict()
+    for k, v in ref.ema_state().items():  # the checkpoint's EMA weights, exactly
+        assert torch.equal(exported[k.removeprefix("module.")], v), k
 
 
 def test_gcs_shards_checkpoints_and_resume(gcs_server, fashion_mnist_dir, ray_local):

@@ -130,14 +130,14 @@ def _memory_worker(config: dict) -> None:
 
     from biflow.config import load_config
     from biflow.losses import forward_loss
-    from biflow.models import TARFlow
+    from biflow.models import build_flow
     from biflow.train.engine import build_engine, rank
 
     rows = {"torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     for stage, exp in config["experiments"].items():
         cfg = load_config(exp)
         torch.manual_seed(0)
-        module = TARFlow(cfg.flow)
+        module = build_flow(cfg.flow)
         nparams = sum(p.numel() for p in module.parameters())
         engine = build_engine(module, cfg, torch.device("cpu"))
         gen = torch.Generator().manual_seed(rank())

@@ -39,12 +39,12 @@ def _variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
 
 def _step_fn(cfg: ExperimentConfig, batch: int, seed: int = 0) -> Callable[[], float]:
     from biflow.losses import reverse_loss
-    from biflow.models import ReverseModel, TARFlow
+    from biflow.models import ReverseModel, build_flow
     from biflow.perceptual import build_feature_net
 
     torch.manual_seed(seed)
     fcfg = cfg.flow
-    flow = TARFlow(fcfg).eval().requires_grad_(False)
+    flow = build_flow(fcfg).eval().requires_grad_(False)
     rev = ReverseModel(cfg.reverse, fcfg)
     opt = torch.optim.AdamW(rev.parameters(), lr=1e-4)
     net = build_feature_net(cfg.reverse.perceptual) if cfg.reverse.perceptual_weight > 0 else None

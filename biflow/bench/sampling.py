@@ -82,7 +82,7 @@ def bench_sampling(out_dir: str | Path = "runs/bench", preset: str = "cpu-256tok
     ``naive_blocks`` of the flow's (identical-cost) blocks and scaled to all of
     them, and compared with the cached decode timed on the same blocks.
     """
-    from biflow.models import ReverseModel, TARFlow
+    from biflow.models import ReverseModel, build_flow
     from biflow.sampling import sample_biflow, sample_exact
 
     if preset not in PRESETS:
@@ -91,7 +91,7 @@ def bench_sampling(out_dir: str | Path = "runs/bench", preset: str = "cpu-256tok
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if (p.dtype == "bf16" and device == "cuda") else torch.float32
     torch.manual_seed(0)
-    flow = TARFlow(p.flow).to(device, dtype).eval()
+    flow = build_flow(p.flow).to(device, dtype).eval()
     rev = ReverseModel(p.reverse, p.flow).to(device, dtype).eval()
     with torch.no_grad():  # non-trivial weights: the zero-init heads would make decoding look cheap
         for prm in list(flow.parameters()) + list(rev.parameters()):

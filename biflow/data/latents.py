@@ -217,6 +217,12 @@ def latents_to_images(z: "torch.Tensor", manifest: Manifest, vae) -> "torch.Tens
 # ---------------------------------------------------------------------------
 
 
+def latent_info(manifest: Manifest, override: str = "") -> dict[str, Any]:
+    """The decoding record of a latent shard set: autoencoder id, per-channel mean and std."""
+    return {"autoencoder": autoencoder_source(manifest, override), "latent_mean": list(manifest.data["latent_mean"]),
+            "latent_std": list(manifest.data["latent_std"])}
+
+
 def autoencoder_source(manifest: Manifest, override: str = "", key: str = "data.autoencoder") -> str:
     """The autoencoder that decodes ``manifest``'s latents: ``override`` (a local
     folder or hub id, from ``data.autoencoder``) or the id the manifest recorded."""
@@ -272,9 +278,10 @@ class LatentCodec:
     decoded images (the perceptual term) trains the model through the frozen
     decoder; the decoder's own weights never need gradients."""
 
-    def __init__(self, vae, mean, std):
+    def __init__(self, vae, mean, std, source: str = ""):
         import torch
 
+        self.source = source  # the autoencoder's folder or hub id, as given
         self.vae = vae.eval().requires_grad_(False)
         p = next(vae.parameters())
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=p.device).view(1, -1, 1, 1)
@@ -282,8 +289,22 @@ class LatentCodec:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, override: str = "", device: Any = "cpu") -> "LatentCodec":
-        vae = load_autoencoder(autoencoder_source(manifest, override), str(device))
-        return cls(vae, manifest.data["latent_mean"], manifest.data["latent_std"])
+        return cls.from_info(latent_info(manifest), override, device)
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], override: str = "", device: Any = "cpu") -> "LatentCodec":
+        """From :func:`latent_info`'s record (kept in checkpoints and exported models, so
+        decoding needs no shards); ``override``: another folder or hub id of the autoencoder."""
+        source = override or str(info.get("autoencoder") or "")
+        if not source:
+            raise UserError("these latents name no autoencoder to decode them; give a local diffusers "
+                            "AutoencoderKL folder or a hub id (data.autoencoder / --autoencoder)")
+        return cls(load_autoencoder(source, str(device)), info["latent_mean"], info["latent_std"], source)
+
+    def info(self) -> dict[str, Any]:
+        """What decoding needs besides the weights: the autoencoder's id and the latent statistics."""
+        return {"autoencoder": self.source, "latent_mean": [float(v) for v in self.mean.flatten()],
+                "latent_std": [float(v) for v in self.std.flatten()]}
 
     @classmethod
     def from_data_config(cls, data_cfg, device: Any = "cpu") -> "LatentCodec":

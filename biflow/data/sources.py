@@ -205,7 +205,9 @@ DEFAULT_SPLITS = {"imagenet": ["train", "val"], "folder": ["train"], "fashion-mn
 def scan_source(source: str, fmt: str, splits: list[str] | None = None) -> Source:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}")
-    root = Path(source or (FASHION_MNIST_DIR if fmt == "fashion-mnist" else "")).expanduser()
+    if not source and fmt != "fashion-mnist":  # only Fashion-MNIST has a place to imply (Path("") would be ".")
+        raise UserError(f"--format {fmt} needs the source folder: `biflow prepare-data SOURCE OUT --format {fmt}`")
+    root = Path(source or FASHION_MNIST_DIR).expanduser()
     if not str(root) or not root.exists():
         if fmt == "fashion-mnist":
             return scan_fashion_mnist(root, splits or DEFAULT_SPLITS[fmt])  # raises with install hint

@@ -1,6 +1,8 @@
-"""Models (plain PyTorch): the forward flow F and the reverse model G."""
+"""Models (plain PyTorch): the forward flow F (one of the families of :mod:`biflow.models.flow`,
+made by :func:`build_flow`) and the reverse model G."""
 
+from biflow.models.flow import FlowOutput, ForwardFlow, build_flow
 from biflow.models.reverse import ReverseModel, ReverseOutput
-from biflow.models.tarflow import FlowOutput, TARFlow
+from biflow.models.tarflow import TARFlow
 
-__all__ = ["TARFlow", "FlowOutput", "ReverseModel", "ReverseOutput"]
+__all__ = ["TARFlow", "FlowOutput", "ForwardFlow", "build_flow", "ReverseModel", "ReverseOutput"]

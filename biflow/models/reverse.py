@@ -121,7 +121,8 @@ class ReverseModel(nn.Module):
         cfg.check_flow(flow_cfg)
         self.config = cfg
         self.flow_config = flow_cfg
-        w, d, n = cfg.width, flow_cfg.token_dim, flow_cfg.num_tokens
+        self.patch_size = p = cfg.patch_size or flow_cfg.patch_size  # G's own tokens, whatever the flow family
+        w, d, n = cfg.width, flow_cfg.channels * p * p, (flow_cfg.image_size // p) ** 2
         self.proj_in = nn.Linear(d, w)
         self.pos_embed = nn.Parameter(torch.randn(1, n, w) * 0.02)
         self.label_embed = LabelEmbedding(flow_cfg.num_classes, w) if flow_cfg.num_classes > 0 else None
@@ -147,7 +148,7 @@ class ReverseModel(nn.Module):
         rank gets the same weights. Returns the number of rows fitted (on this rank)."""
         if self.z_skip is None:
             raise ValueError("reverse.z_skip is none: there is no skip to fit")
-        p = self.flow_config.patch_size
+        p = self.patch_size
         xtx = xty = None
         rows = 0
         for z, target in pairs:
@@ -163,7 +164,7 @@ class ReverseModel(nn.Module):
 
     def _to_image(self, tokens: Tensor) -> Tensor:
         f = self.flow_config
-        return unpatchify(tokens, f.patch_size, f.channels, f.image_size)
+        return unpatchify(tokens, self.patch_size, f.channels, f.image_size)
 
     def condition(self, y: Tensor | None, guidance: Tensor | float, batch: int, device: torch.device) -> Tensor:
         if not torch.is_tensor(guidance):
@@ -175,7 +176,7 @@ class ReverseModel(nn.Module):
 
     def forward(self, z: Tensor, y: Tensor | None = None, guidance: Tensor | float = 0.0) -> ReverseOutput:
         b = z.shape[0]
-        z_tokens = patchify(z, self.flow_config.patch_size).to(self.proj_in.weight.dtype)
+        z_tokens = patchify(z, self.patch_size).to(self.proj_in.weight.dtype)
         h = self.proj_in(z_tokens)
         h = h + self.pos_embed.to(h.dtype)  # bf16 residual stream under autocast (see TARFlow.embed)
         c = self.condition(y, guidance, b, z.device).to(h.dtype)

@@ -13,32 +13,13 @@ log-det math runs in at least fp32 whatever the model dtype.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from biflow.config import FlowConfig
+from biflow.models.flow import LOG_2PI, FlowOutput, ForwardFlow, log_likelihood  # noqa: F401 (their old home)
 from biflow.models.layers import KVCache, LabelEmbedding, TransformerLayer, patchify, unpatchify
-
-
-@dataclass
-class FlowOutput:
-    z: Tensor  # (B, C, H, W), same shape as x
-    logdet: Tensor  # (B,), natural log, fp32 or wider
-    states: list[Tensor]  # [x^0 .. x^B], each (B, C, H, W); x^0 = input, x^B = z
-
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def log_likelihood(out: FlowOutput) -> Tensor:
-    """log p(x) in nats, (B,), of a flow output: the standard normal prior of ``z``
-    (Gaussian constant included) plus the log-det. The NLL of training and
-    evaluation (:func:`biflow.losses.nll_per_dim`) is this, negated, per dimension."""
-    z = out.z.to(out.logdet.dtype).flatten(1)
-    return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * LOG_2PI + out.logdet
 
 
 def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,13 +139,13 @@ class FlowBlock(nn.Module):
         return self.permute(x).to(z.dtype)
 
 
-class TARFlow(nn.Module):
+class TARFlow(ForwardFlow):
     """Transformer autoregressive flow over image (or latent) tensors (B, C, H, W)."""
 
+    family = "tarflow"
+
     def __init__(self, cfg: FlowConfig):
-        super().__init__()
-        cfg.validate("flow")
-        self.config = cfg
+        super().__init__(cfg)
         self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
 
     def to_tokens(self, x: Tensor) -> Tensor:
@@ -182,11 +163,13 @@ class TARFlow(nn.Module):
         tokens = self.to_tokens(x).to(dtype)
         logdet = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
         states = [x.to(dtype)]
+        block_logdets = []
         for block in self.blocks:
             tokens, ld = block(tokens, y)
             logdet = logdet + ld
+            block_logdets.append(ld)
             states.append(self.to_image(tokens))
-        return FlowOutput(z=states[-1], logdet=logdet, states=states)
+        return FlowOutput(z=states[-1], logdet=logdet, states=states, block_logdets=block_logdets)
 
     @torch.no_grad()
     def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True,
@@ -197,14 +180,3 @@ class TARFlow(nn.Module):
         for block in reversed(self.blocks):
             tokens = block.inverse(tokens, y, guidance=guidance, use_cache=use_cache, annealed=annealed)
         return self.to_image(tokens).to(z.dtype)
-
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """log p(x) in nats, (B,): standard normal prior plus the log-det."""
-        return log_likelihood(self.forward(x, y))
-
-    def _check(self, x: Tensor) -> None:
-        c = self.config
-        expected = (c.channels, c.image_size, c.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"TARFlow expects (B, {c.channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}")
-

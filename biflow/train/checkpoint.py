@@ -1,4 +1,4 @@
-"""Checkpoints: what is in one, where runs keep them, how to find and export one.
+"""Checkpoints: what is in one, where runs keep them, how to find and load one (exports: biflow.pretrained).
 
 A checkpoint directory, as Ray Train stores it under ``STORAGE/RUN/``::
 
@@ -25,7 +25,6 @@ import json
 import platform
 import posixpath
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +172,7 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
     is_uri = "://" in ref or ref.startswith(("/", ".", "~")) or Path(ref).exists()
     if is_uri:
         candidates.append(ref)
-    if storage_uri and "://" not in ref:
+    if storage_uri and "://" not in ref and not ref.startswith(("/", "~")):
         candidates.append(_join_uri(storage_uri, ref))
     looked = []
     for uri in candidates:
@@ -190,8 +189,10 @@ def find_checkpoint(ref: str, storage_uri: str = "", endpoint: str = "", region:
     if not looked:
         raise UserError(f"{key}={ref!r}: no checkpoint found: it is not a path, and no run storage was given to look "
                         f"the run name up in; pass --storage (a local dir, s3:// or gs:// URI) or a checkpoint path")
+    hint = "train the forward stage first, or give" if "forward" in key else "give"
     raise UserError(f"{key}={ref!r}: no checkpoint found (looked in {', '.join(looked)}); "
-                    f"train the forward stage first, or give a run name under the run storage or a checkpoint URI")
+                    f"{hint} a run name under the run storage, a run dir, a checkpoint URI"
+                    + ("" if "forward" in key else " or a `biflow export` folder"))
 
 
 def check_world_size(saved: Any, workers: int, run_uri: str) -> None:
@@ -214,39 +215,6 @@ def latest_checkpoint(run_uri: str, endpoint: str = "", region: str = "") -> Che
     return CheckpointRef(fs, storage.join(path, name), _join_uri(run_uri, name), step)
 
 
-def export(ref: str, out: str | Path, storage_uri: str = "", endpoint: str = "", region: str = "") -> Path:
-    """Write the EMA weights of a checkpoint as ``OUT`` (safetensors, config in
-    the header) plus ``OUT`` with suffix ``.yaml`` (the run's config)."""
-    import yaml
-    from safetensors.torch import save_file
-
-    ckpt = find_checkpoint(ref, storage_uri, endpoint, region, key="CHECKPOINT")
-    meta = ckpt.metadata()
-    state = ckpt.ema_state()
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out / "model.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": "biflow-ema", "stage": str(meta.get("stage", "")), "step": str(meta.get("step", "")),
-              "config": json.dumps(meta.get("config", {}), sort_keys=True), "source": ckpt.uri}
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        pass
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp.name, metadata=header)
-    Path(tmp.name).replace(out)
-    out.with_suffix(".yaml").write_text(yaml.safe_dump(meta.get("config", {}), sort_keys=False))
-    return out
-
-
-def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, config dict) from a file written by :func:`export` or a checkpoint's ema.safetensors."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    return load_file(str(path)), json.loads(header.get("config", "{}"))
-
-
 # ---------------------------------------------------------------------------
 # Loading trained models (EMA weights) from a checkpoint
 # ---------------------------------------------------------------------------
@@ -254,11 +222,13 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 @dataclass
 class Loaded:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: an export's flow whose weights were left out
     config: ExperimentConfig
     stage: str
     step: int
     uri: str
+    latents: dict[str, Any] | None = None  # the latent codec's record (autoencoder id, statistics), when kept
+    name: str = ""  # the run's name
 
 
 def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,26 +249,37 @@ def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str
                     device: str | torch.device = "cpu", key: str = "CHECKPOINT", check: bool = True) -> Loaded:
     """The EMA model of a checkpoint (run name, run dir or checkpoint dir/URI)."""
     from biflow.config import load_config
-    from biflow.models import ReverseModel, TARFlow
+    from biflow.models import ReverseModel, build_flow
 
     ckpt = find_checkpoint(ref, storage, endpoint, region, key=key, check=check)
     meta = ckpt.metadata()
     cfg = load_config(saved_config(meta))
     stage = meta.get("stage", cfg.stage)
-    model = TARFlow(cfg.flow) if stage == "forward" else ReverseModel(cfg.reverse, cfg.flow)
+    model = build_flow(cfg.flow) if stage == "forward" else ReverseModel(cfg.reverse, cfg.flow)
     missing, unexpected = model.load_state_dict(_clean_state(ckpt.ema_state()), strict=False)
     if missing or unexpected:
         raise UserError(f"{key}={ref!r}: weights do not match the {stage} model of its config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return Loaded(model.to(device).eval(), cfg, stage, ckpt.step, ckpt.uri)
+    if stage == "forward":
+        model.after_load()  # weight-derived buffers (resflow's spectral norms) follow the loaded EMA weights
+    return Loaded(model.to(device).eval(), cfg, stage, ckpt.step, ckpt.uri, meta.get("latents"),
+                  str(meta.get("run") or cfg.name))
 
 
 def load_pair(checkpoint: str, forward: str = "", storage: str = "", endpoint: str = "", region: str = "",
-              device: str | torch.device = "cpu") -> tuple[Loaded, Loaded | None]:
-    """(forward flow, reverse model or None) from a reverse or forward checkpoint."""
+              device: str | torch.device = "cpu", with_flow: bool = True) -> tuple[Loaded, Loaded | None]:
+    """(forward flow, reverse model or None) from a reverse or forward checkpoint, a run or an
+    export folder (:mod:`biflow.pretrained`). ``with_flow=False``: a reverse run's flow is not
+    looked up (its Loaded has no model)."""
+    from biflow.pretrained import is_export, load as load_export
+
+    if is_export(checkpoint):
+        return load_export(checkpoint, device=device).pair(str(checkpoint))
     first = load_checkpoint(checkpoint, storage, endpoint, region, device)
     if first.stage == "forward":
         return first, None
+    if with_flow is False:
+        return Loaded(None, first.config, "forward", -1, "", first.latents), first
     ref = forward or first.config.train.forward_checkpoint
     store = storage or first.config.ray.storage
     flow = load_checkpoint(ref, store, endpoint or first.config.ray.storage_endpoint, region, device,

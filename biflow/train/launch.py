@@ -61,6 +61,10 @@ def prepare(cfg: ExperimentConfig, name: str | None = None, storage: str | None 
     cfg.ray.storage = storage_mod.absolute(cfg.ray.storage)
     cfg.data.uri = storage_mod.absolute(cfg.data.uri)
     cfg.validate()
+    if cfg.stage == "reverse" and cfg.reverse.perceptual_weight > 0:  # fails here, not on every worker
+        from biflow.perceptual import check_settings
+
+        check_settings(cfg.reverse.perceptual)
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name={cfg.name!r}: a run name must be non-empty and contain no '/'")
     run = RunInfo(name=cfg.name, storage=cfg.ray.storage, endpoint=cfg.ray.storage_endpoint)

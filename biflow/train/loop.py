@@ -84,9 +84,13 @@ class ForwardStage:
         return self.codec.decode(x) if self.codec is not None else x
 
     def build(self) -> nn.Module:
-        from biflow.models import TARFlow
+        from biflow.models import build_flow
 
-        return TARFlow(self.cfg.flow)
+        flow = build_flow(self.cfg.flow)
+        if hasattr(flow, "set_generator"):  # a stochastic log-det (resflow): its draws follow the run's seed
+            flow.set_generator(torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 7919 + 17
+                                                                                + rank()))
+        return flow
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, generator=None, step=None,
              progress=None):
@@ -95,8 +99,17 @@ class ForwardStage:
         return forward_loss(model, x, y, self.cfg.flow, generator=generator)
 
     def init_from_data(self, module: nn.Module, batches: Iterator, generator=None) -> str:
-        """Weights fitted to data before the first step (none for the flow); a log line or ""."""
-        return ""
+        """Weights fitted to data before the first step, before the engine copies them: a flow
+        with data-dependent init (Glow's actnorm) sees the first batch, noised as in training,
+        and takes rank 0's values on every rank. A log line or ""."""
+        if not hasattr(module, "data_init"):
+            return ""
+        _, _, x, y = next(batches)
+        x = to_device(x, self.device, torch.float32)
+        x = x + self.cfg.flow.noise_std * torch.randn(x.shape, device=x.device, generator=generator)
+        y = y.to(self.device) if self.cfg.flow.num_classes > 0 else None
+        module.data_init(x, y)
+        return f"{self.cfg.flow.family}: data-dependent init from the first batch of {len(x)} (rank 0's on every rank)"
 
     def sample(self, module: nn.Module, y: torch.Tensor | None, generator=None) -> torch.Tensor:
         from biflow.sampling import sample_exact
@@ -238,7 +251,7 @@ def _batches(cfg: ExperimentConfig, state: TrainState) -> Iterator[tuple[int, in
 
 def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: ExperimentConfig, run: RunInfo,
                     metrics: dict[str, float], ema_full: dict[str, torch.Tensor] | None = None,
-                    callbacks: Callbacks | None = None) -> None:
+                    callbacks: Callbacks | None = None, stage: ForwardStage | None = None) -> None:
     """Collective: every rank saves engine state to a local dir and reports it."""
     import ray.train
 
@@ -250,6 +263,8 @@ def save_checkpoint(engine: Engine, ema: EMA, state: TrainState, cfg: Experiment
         meta = {"stage": cfg.stage, "run": run.name, "world_size": world_size(), "engine": cfg.train.engine,
                 "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg), **dataclasses.asdict(state),
                 "commit_marker": True,
+                # latent runs: the codec's record, so sampling a checkpoint needs no shards
+                **({"latents": stage.codec.info()} if stage is not None and stage.codec is not None else {}),
                 "data_position": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "samples_seen": state.samples_seen}}
         ckpt_io.write_rank0_files(directory, ema_full, meta)
@@ -486,8 +501,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if ckpt_now:  # before sampling: a grid that fails can never cost committed work
             save_checkpoint(engine, ema, state, cfg, run,
                             {**last_metrics, "start_step": float(start_step), "train_seconds": state.train_seconds},
-                            ema_full=ema_full,
-                            callbacks=callbacks)
+                            ema_full=ema_full, callbacks=callbacks, stage=stage)
         if sample_now and is_rank0:
             sample_grid(stage, ema_full, sample_labels, cfg.train.seed, step, logger)
         if ckpt_now:

@@ -65,7 +65,7 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 
 def best_configs(spec: SearchSpec, bases: dict[str, dict], plan: Plan, row: dict[str, Any]) -> dict[str, dict]:
-    """stage -> experiment dict of the best trial, as `biflow train STAGE --config` takes it."""
+    """stage -> experiment dict of the best trial, as `biflow train CONFIG` takes it."""
     params = {p.key: row[p.key] for p in plan.params}
     out: dict[str, dict] = {}
     for stage in plan.stages:
@@ -148,7 +148,7 @@ def write_results(grid, spec: SearchSpec, bases: dict[str, dict], plan: Plan, ou
         files = {}
         for stage, data in configs.items():
             fname = "best.yaml" if stage == plan.stages[-1] else f"best-{stage}.yaml"
-            cmd = f"# Train it: biflow train {stage} --config {out_dir / fname}\n"
+            cmd = f"# Train it: biflow train {out_dir / fname}\n"
             (out_dir / fname).write_text(header + cmd + yaml.safe_dump(data, sort_keys=False))
             files[stage] = str(out_dir / fname)
         summary["best"] = {"trial_id": best["trial_id"], spec.metric: best[spec.metric], "status": best["status"],
