@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from biflow.errors import UserError
-from biflow.train.checkpoint import Loaded, load_checkpoint, load_pair  # noqa: F401 (loading lives with the format)
+from biflow.pretrained import load_pair  # noqa: F401 (runs, checkpoints and export folders alike)
+from biflow.sampling import _labels, generate  # noqa: F401 (their home; imported from here too)
+from biflow.train.checkpoint import Loaded, load_checkpoint  # noqa: F401 (loading lives with the format)
 
 Log = Callable[[str], None]
 
@@ -40,12 +42,6 @@ def content_key(x: torch.Tensor) -> str:
     rows = x.reshape(len(x), -1).contiguous().numpy()
     digests = sorted(hashlib.sha256(r.tobytes()).digest() for r in rows)
     return hashlib.sha256(b"".join(digests)).hexdigest()[:8]
-
-
-def _labels(n: int, num_classes: int, seed: int) -> torch.Tensor | None:
-    if num_classes == 0:
-        return None
-    return torch.arange(seed, seed + n) % num_classes
 
 
 def class_grid(n: int, num_classes: int) -> tuple[int, int]:
@@ -70,53 +66,6 @@ def device_option(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use auto or cpu")
     return dev
-
-
-def generate(flow, rev, sampler: str, n: int, guidance: float, batch_size: int, seed: int,
-             device: str | torch.device = "cpu", codec=None, annealed: bool = False,
-             progress: bool = False, labels: torch.Tensor | None = None, flow_config=None) -> torch.Tensor:
-    """n samples from ``sampler`` ('biflow' or 'exact'), deterministic in seed: images in
-    [-1, 1], latents decoded through ``codec`` (a :class:`~biflow.data.latents.LatentCodec`)
-    when given, else the model's own space (latents stay unclamped). ``annealed``: the
-    exact sampler's guidance ramps over the decode steps (ml-tarflow's option). ``labels``:
-    one class per sample (default: seed, seed + 1, ... modulo the classes). ``flow`` may be
-    None for the 1-NFE sampler without a Tweedie step, given ``flow_config``."""
-    from biflow.sampling import sample_biflow, sample_biflow_cfg, sample_exact, tweedie_denoise
-
-    cfg = flow_config or flow.config
-    out = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=f"{sampler} samples", unit="img")
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        g = torch.Generator().manual_seed(seed + start)  # on the CPU: the same samples on any device
-        z = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-        y = _labels(b, cfg.num_classes, seed + start) if labels is None or not cfg.num_classes \
-            else labels[start:start + b]
-        y = None if y is None else y.to(device)
-        if sampler in ("biflow", "biflow-cfg2"):
-            if sampler == "biflow":
-                x = sample_biflow(rev, y, guidance=guidance, z=z)
-            else:  # inference-time CFG: 2 NFE
-                x = sample_biflow_cfg(rev, y, guidance=guidance, z=z)
-            if rev.config.denoise == "tweedie":  # G was trained to land on x~: F's Tweedie step denoises
-                x = tweedie_denoise(flow, x, y, cfg.noise_std)
-        else:
-            x = sample_exact(flow, y, guidance=guidance, z=z, tweedie=True, annealed=annealed,
-                             generator=torch.Generator(device).manual_seed(seed + start + 1))
-        if codec is not None:
-            x = codec.decode(x)
-        elif cfg.channels in (1, 3):
-            x = x.clamp(-1, 1)
-        out.append(x.float().cpu())
-        if bar is not None:
-            bar.update(b)
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
 
 
 def time_sampler(flow, rev, sampler: str, guidance: float, batch_size: int, reps: int = 2, codec=None,
@@ -186,9 +135,10 @@ def latent_codec(data_cfg, manifest=None, device: str | torch.device = "cpu", in
 
 
 def default_out(kind: str, name: str, step: int) -> Path:
-    """Where `biflow evaluate` / `biflow sample` write without --out: one folder per run and
-    step (``runs/eval/<run>/step-<N>``), so evaluating another run never overwrites this one."""
-    return Path("runs") / kind / (name or "model") / (f"step-{step}" if step >= 0 else "latest")
+    """Where `biflow evaluate` / `biflow sample` write without --out (see :func:`biflow.pretrained.output_folder`)."""
+    from biflow.pretrained import output_folder
+
+    return output_folder(kind, name, step)
 
 
 def reference_data(data_cfg, manifest, reference_uri: str = ""):

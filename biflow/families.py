@@ -51,12 +51,13 @@ def iteration_stats(flow, n_batches: int = 4, batch: int = 16, seed: int = 0) ->
 
 
 def run_families(recipe, out: Path, workers: int, overrides: list[str], ev: dict[str, Any],
-                 timings: dict[str, float], t0: float, log: Log) -> dict[str, Any]:
-    """Each family row: its forward flow, its reverse model, both scored (see the module docstring)."""
+                 timings: dict[str, float], t0: float, log: Log, train: Callable[[Any, str], None],
+                 report: Path | None = None) -> dict[str, Any]:
+    """Each family row: its forward flow, its reverse model, both scored (see the module docstring).
+    ``train(cfg, label)`` trains one stage and records its timings (the recipe's); ``report``:
+    the folder for families.{md,json}."""
     from biflow.evaluate import EvalOptions, evaluate, time_sampler
-    from biflow.recipe import stage_timings
     from biflow.train.checkpoint import load_pair
-    from biflow.train.launch import fit
 
     opts = EvalOptions(num_samples=ev["num_samples"], num_eval_images=ev["num_eval_images"],
                        num_reference=ev["num_reference"], guidance=list(ev["guidance"]),
@@ -66,11 +67,9 @@ def run_families(recipe, out: Path, workers: int, overrides: list[str], ev: dict
     for i, fam in enumerate(recipe.families):
         fwd, rev = recipe.stage_configs(out, workers, overrides, fam)
         log(f"[2/4] family {i + 1}/{len(recipe.families)} {fam.name}: forward flow ({fwd.flow.family}) {fwd.name}")
-        t = time.time()
-        stage_timings(timings, f"forward_{fam.name}", fit(fwd), time.time() - t)
+        train(fwd, f"forward_{fam.name}")
         log(f"[3/4] family {fam.name}: reverse model {rev.name}")
-        t = time.time()
-        stage_timings(timings, f"reverse_{fam.name}", fit(rev), time.time() - t)
+        train(rev, f"reverse_{fam.name}")
         log(f"[4/4] family {fam.name}: evaluation")
         res = evaluate(rev.name, out / "eval" / fam.name, opts, storage=rev.ray.storage, log=log)
         flow_l, rev_l = load_pair(rev.name, storage=rev.ray.storage)
@@ -106,10 +105,7 @@ def run_families(recipe, out: Path, workers: int, overrides: list[str], ev: dict
     (out / "eval" / "results.json").write_text(json.dumps(summary, indent=2))
     table = families_table(summary)
     log(table)
-    if recipe.report:
-        from biflow.recipe import JOBS_DIR
-
-        report = JOBS_DIR.parent / recipe.report
+    if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         (report / "families.json").write_text(json.dumps(summary, indent=2))
         title = recipe.description or "Forward families"

@@ -115,7 +115,7 @@ class BiFlow(nn.Module, PyTorchModelHubMixin, library_name="biflow", paper_url=P
         (the flow's inverse + a Tweedie step; needs the flow). ``labels``: class ids, one per
         image (default: 0, 1, 2, ... cycling over the classes; ignored by unconditional models).
         Latent models return decoded images."""
-        from biflow.evaluate import generate
+        from biflow.sampling import generate
 
         sampler = sampler or ("biflow" if self.reverse is not None else "exact")
         if sampler not in ("biflow", "exact"):
@@ -162,9 +162,9 @@ class BiFlow(nn.Module, PyTorchModelHubMixin, library_name="biflow", paper_url=P
                  with_flow: bool = True) -> "BiFlow":
         """The EMA models of a run name, run dir or checkpoint (a reverse run brings its forward run)."""
         from biflow.config import to_dict
-        from biflow.train.checkpoint import load_pair
+        from biflow.train.checkpoint import load_pair as load_checkpoints
 
-        flow_l, rev_l = load_pair(ref, forward, storage, endpoint, region, with_flow=with_flow)
+        flow_l, rev_l = load_checkpoints(ref, forward, storage, endpoint, region, with_flow=with_flow)
         main = rev_l or flow_l
         info = {"name": main.name, "stage": main.stage, "step": main.step, "checkpoint": main.uri}
         if rev_l is not None and flow_l.uri:
@@ -296,6 +296,24 @@ def model_card(model: BiFlow, results: dict | None, out: Path) -> str:
 # ---------------------------------------------------------------------------
 
 
+def output_folder(kind: str, name: str, step: int) -> Path:
+    """Where `biflow evaluate` / `biflow sample` write without --out: one folder per run and
+    step (``runs/eval/<run>/step-<N>``), so evaluating another run never overwrites this one."""
+    return Path("runs") / kind / (name or "model") / (f"step-{step}" if step >= 0 else "latest")
+
+
+def load_pair(checkpoint: str, forward: str = "", storage: str = "", endpoint: str = "", region: str = "",
+              device: str | torch.device = "cpu", with_flow: bool = True):
+    """(forward flow, reverse model or None) as :class:`~biflow.train.checkpoint.Loaded`, from an
+    export folder (or a single-file export) or, through :func:`biflow.train.checkpoint.load_pair`,
+    a run or a checkpoint."""
+    from biflow.train import checkpoint as ckpt_io
+
+    if is_export(checkpoint):
+        return load(checkpoint, device=device).pair(str(checkpoint))
+    return ckpt_io.load_pair(checkpoint, forward, storage, endpoint, region, device, with_flow)
+
+
 def is_export(ref: str | Path) -> bool:
     """A folder written by ``biflow export``, or a single-file export of earlier versions."""
     p = Path(str(ref)).expanduser()
@@ -369,8 +387,6 @@ def export(ref: str, out: str | Path | None = None, storage: str = "", endpoint:
     ``out`` defaults to ``runs/models/<run name>``. ``results``: a ``results.json`` of
     ``biflow evaluate`` for the card; by default one is looked for where ``biflow evaluate``
     and the recipes write theirs."""
-    from biflow.evaluate import default_out
-
     model = BiFlow.from_run(ref, storage, endpoint, region, forward, with_flow=with_flow)
     name, step = model.info["name"], model.info["step"]
     out = Path(out) if out else Path("runs/models") / name
@@ -380,7 +396,7 @@ def export(ref: str, out: str | Path | None = None, storage: str = "", endpoint:
         found = json.loads(Path(results).read_text())
     else:
         store = Path(storage) if storage and "://" not in storage else None
-        search = [default_out("eval", name, step) / "results.json"]
+        search = [output_folder("eval", name, step) / "results.json"]
         if store is not None:
             search.append(store.parent / "eval" / "results.json")  # a recipe's layout: OUT/runs, OUT/eval
         found = find_results(model, search)

@@ -235,7 +235,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, workers: int | Non
     if recipe.families:
         from biflow.families import run_families
 
-        return run_families(recipe, out, workers, overrides, ev, timings, t0, log)
+        def train(cfg: ExperimentConfig, label: str) -> None:
+            t = time.time()
+            stage_timings(timings, label, fit(cfg), time.time() - t)
+
+        return run_families(recipe, out, workers, overrides, ev, timings, t0, log, train,
+                            JOBS_DIR.parent / recipe.report if recipe.report else None)
 
     log(f"[2/4] stage 1: forward flow (TARFlow) {fwd_cfg.name}, {layout_text(fwd_cfg)}")
     t = time.time()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from biflow.config import ConfigError, FlowConfig, GlowConfig, load_config
 from biflow.models import build_flow
 from biflow.models.glow import ActNorm, Glow, squeeze, unsqueeze
+from tests.test_models import randomise  # non-zero weights everywhere (zero-init couplings are identities)
 
 pytestmark = pytest.mark.unit
 
@@ -20,15 +21,6 @@ SMALL = dict(family="glow", image_size=8, channels=1, num_blocks=4, num_classes=
 def glow(levels=2, hidden=32, coupling="affine", seed=0, **kw) -> Glow:
     torch.manual_seed(seed)
     return Glow(FlowConfig(**{**COND, **kw}, glow=GlowConfig(levels=levels, hidden=hidden, coupling=coupling)))
-
-
-def randomise(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Non-zero weights everywhere (the zero-init coupling outputs would make every coupling the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def data(n=8, c=1, size=28, classes=10, seed=1, dtype=torch.float32):

@@ -1,7 +1,8 @@
 """Models (plain PyTorch): the forward flow F (one of the families of :mod:`biflow.models.flow`,
-made by :func:`build_flow`) and the reverse model G."""
+made by :func:`biflow.models.registry.build_flow`) and the reverse model G."""
 
-from biflow.models.flow import FlowOutput, ForwardFlow, build_flow
+from biflow.models.flow import FlowOutput, ForwardFlow
+from biflow.models.registry import build_flow
 from biflow.models.reverse import ReverseModel, ReverseOutput
 from biflow.models.tarflow import TARFlow
 

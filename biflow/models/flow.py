@@ -22,8 +22,8 @@ and the alignment loss work unchanged for every family. Multi-scale factoring
 writes the factored-out part back in place; ``masks[k]`` (C, H, W) is 1 where
 state k is still being transformed.
 
-:func:`build_flow` is the only place a flow is made (training, loading, sampling,
-benchmarks).
+:func:`biflow.models.registry.build_flow` is the only place a flow is made (training,
+loading, sampling, benchmarks).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from biflow.config import FlowConfig
 
 LOG_2PI = math.log(2 * math.pi)
-FAMILIES = ("tarflow", "glow", "resflow")
 
 
 @dataclass
@@ -113,21 +112,3 @@ class ForwardFlow(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{type(self).__name__} expects (B, {c.channels}, {c.image_size}, {c.image_size}), "
                              f"got {tuple(x.shape)}")
-
-
-def build_flow(cfg: FlowConfig) -> ForwardFlow:
-    """The forward flow of ``cfg.family``: the one builder everything calls."""
-    family = getattr(cfg, "family", "tarflow")
-    if family == "tarflow":
-        from biflow.models.tarflow import TARFlow
-
-        return TARFlow(cfg)
-    if family == "glow":
-        from biflow.models.glow import Glow
-
-        return Glow(cfg)
-    if family == "resflow":
-        from biflow.models.resflow import ResidualFlow
-
-        return ResidualFlow(cfg)
-    raise ValueError(f"flow.family={family!r}: allowed values: {', '.join(FAMILIES)}")

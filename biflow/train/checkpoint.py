@@ -268,13 +268,9 @@ def load_checkpoint(ref: str, storage: str = "", endpoint: str = "", region: str
 
 def load_pair(checkpoint: str, forward: str = "", storage: str = "", endpoint: str = "", region: str = "",
               device: str | torch.device = "cpu", with_flow: bool = True) -> tuple[Loaded, Loaded | None]:
-    """(forward flow, reverse model or None) from a reverse or forward checkpoint, a run or an
-    export folder (:mod:`biflow.pretrained`). ``with_flow=False``: a reverse run's flow is not
-    looked up (its Loaded has no model)."""
-    from biflow.pretrained import is_export, load as load_export
-
-    if is_export(checkpoint):
-        return load_export(checkpoint, device=device).pair(str(checkpoint))
+    """(forward flow, reverse model or None) from a reverse or forward checkpoint or run
+    (:func:`biflow.pretrained.load_pair` also takes export folders). ``with_flow=False``: a
+    reverse run's flow is not looked up (its Loaded has no model)."""
     first = load_checkpoint(checkpoint, storage, endpoint, region, device)
     if first.stage == "forward":
         return first, None
