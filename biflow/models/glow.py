@@ -43,26 +43,8 @@ from torch import Tensor, nn
 
 from biflow.config import FlowConfig
 from biflow.models.flow import FlowOutput, ForwardFlow
-from biflow.models.layers import LabelEmbedding
-
-
-def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types, fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def squeeze(x: Tensor) -> Tensor:
-    """Space to depth, (B, C, H, W) -> (B, 4C, H/2, W/2): out[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // 2, 2, w // 2, 2)
-    return x.permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
-
-
-def unsqueeze(x: Tensor) -> Tensor:
-    """Depth to space, (B, 4C, H, W) -> (B, C, 2H, 2W); inverse of :func:`squeeze`."""
-    b, c4, h, w = x.shape
-    x = x.reshape(b, c4 // 4, 2, 2, h, w)
-    return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, 2 * h, 2 * w)
+from biflow.models.layers import LabelEmbedding, squeeze, unsqueeze  # noqa: F401 (squeeze: tests import it here)
+from biflow.models.layers import affine_dtype as _affine_dtype
 
 
 def _mix(p: Tensor, guidance: float) -> Tensor:

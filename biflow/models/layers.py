@@ -173,3 +173,22 @@ class ScalarEmbedding(nn.Module):
         args = (w.float() * self.scale)[:, None] * freqs[None]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def affine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a flow's affine and log-det math runs in: fp32 for half types, fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def squeeze(x: Tensor) -> Tensor:
+    """Space to depth, (B, C, H, W) -> (B, 4C, H/2, W/2): out[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2)
+    return x.permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(x: Tensor) -> Tensor:
+    """Depth to space, (B, 4C, H, W) -> (B, C, 2H, 2W); inverse of :func:`squeeze`."""
+    b, c4, h, w = x.shape
+    x = x.reshape(b, c4 // 4, 2, 2, h, w)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, 2 * h, 2 * w)

@@ -39,28 +39,13 @@ from torch import Tensor, nn
 from biflow.config import FlowConfig
 from biflow.models.flow import FlowOutput, ForwardFlow
 from biflow.models.layers import LabelEmbedding
+from biflow.models.layers import affine_dtype as _dtype, squeeze, unsqueeze
 
 MAX_TERMS = 40  # safety cap on the series (see the module docstring)
 # power iterations at construction, in after_load() and lipschitz(): at most REFRESH_ITERS, in fp64,
 # until sigma moves by less than REFRESH_TOL (relative); from a random start, convolution operators
 # with clustered top singular values took 60-250 iterations to reach 1e-5
 REFRESH_ITERS, REFRESH_TOL = 1000, 1e-9
-
-
-def _dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def squeeze(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, 4C, H/2, W/2), space-to-depth."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
-
-
-def unsqueeze(x: Tensor) -> Tensor:
-    """Inverse of :func:`squeeze`."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
 
 def _unit(t: Tensor) -> Tensor:

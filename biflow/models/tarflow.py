@@ -20,11 +20,7 @@ from torch import Tensor, nn
 from biflow.config import FlowConfig
 from biflow.models.flow import LOG_2PI, FlowOutput, ForwardFlow, log_likelihood  # noqa: F401 (their old home)
 from biflow.models.layers import KVCache, LabelEmbedding, TransformerLayer, patchify, unpatchify
-
-
-def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types, fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
+from biflow.models.layers import affine_dtype as _affine_dtype
 
 
 class FlowBlock(nn.Module):
