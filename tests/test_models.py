@@ -451,3 +451,39 @@ def test_bf16_autocast_residual_stream_is_bf16_and_states_fp32():
     assert seen == [torch.bfloat16] * 4
     assert {s.dtype for s in out.states} == {torch.float32} and out.z.dtype == out.logdet.dtype == torch.float32
     assert back.x.dtype == torch.float32 and {s.dtype for s in back.states} == {torch.float32}
+
+
+def test_tarflow_follows_the_forward_flow_protocol():
+    """TARFlow, the first family: per-block log-dets sum to the total, every state has its declared
+    (data-layout) shape, block costs sum to 1, trajectory() gives forward's states, and a config
+    written before flow.family existed builds a TARFlow."""
+    from biflow.config import load_config
+    from biflow.models import ForwardFlow, build_flow
+
+    torch.manual_seed(0)
+    flow = randomise(TARFlow(FlowConfig(**TINY)))
+    assert isinstance(flow, ForwardFlow) and flow.family == "tarflow"
+    x, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 1, 4])
+    out = flow(x, y)
+    assert len(out.block_logdets) == TINY["num_blocks"] and out.masks is None
+    assert torch.allclose(torch.stack(out.block_logdets).sum(0), out.logdet, atol=1e-5)
+    assert [tuple(s.shape[1:]) for s in out.states] == flow.state_shapes()
+    assert abs(sum(flow.block_costs()) - 1) < 1e-9 and len(flow.block_costs()) == TINY["num_blocks"]
+    for a, b in zip(out.states, flow.trajectory(x, y).states):
+        assert torch.equal(a, b)
+    old = load_config({"flow": dict(TINY)}).flow  # no family key: an old checkpoint's config
+    assert old.family == "tarflow" and type(build_flow(old)) is TARFlow
+
+
+def test_reverse_model_has_its_own_patch_size():
+    """reverse.patch_size (0 = the flow's): G tokenises on its own, every state keeps the data layout."""
+    from biflow.config import ConfigError
+
+    fcfg = FlowConfig(**TINY)
+    for p, tokens in ((0, 16), (4, 4)):
+        rev = ReverseModel(ReverseConfig(width=32, depth=4, num_heads=4, patch_size=p), fcfg)
+        assert rev.pos_embed.shape[1] == tokens
+        out = rev(torch.randn(2, 2, 8, 8), torch.tensor([0, 1]), guidance=0.0)
+        assert out.x.shape == (2, 2, 8, 8) and all(s.shape == (2, 2, 8, 8) for s in out.states)
+    with pytest.raises(ConfigError, match="reverse.patch_size=3 does not divide flow.image_size=8"):
+        ReverseModel(ReverseConfig(width=32, depth=4, num_heads=4, patch_size=3), fcfg)
