@@ -25,6 +25,7 @@ import torch
 
 from biflow.errors import UserError
 from biflow.pretrained import load_pair  # noqa: F401 (runs, checkpoints and export folders alike)
+from biflow.pretrained import output_folder as default_out  # where evaluate/sample write without --out
 from biflow.sampling import _labels, generate  # noqa: F401 (their home; imported from here too)
 from biflow.train.checkpoint import Loaded, load_checkpoint  # noqa: F401 (loading lives with the format)
 
@@ -132,13 +133,6 @@ def latent_codec(data_cfg, manifest=None, device: str | torch.device = "cpu", in
     if manifest.kind != "latents":
         return None
     return LatentCodec.from_manifest(manifest, data_cfg.autoencoder, device)
-
-
-def default_out(kind: str, name: str, step: int) -> Path:
-    """Where `biflow evaluate` / `biflow sample` write without --out (see :func:`biflow.pretrained.output_folder`)."""
-    from biflow.pretrained import output_folder
-
-    return output_folder(kind, name, step)
 
 
 def reference_data(data_cfg, manifest, reference_uri: str = ""):
