@@ -62,7 +62,8 @@ class ResFlowConfig:
     n_power_iter: int = 1  # power iterations per training forward (5 more after weights are loaded)
     exact_terms: int = 2  # series terms always computed before the roulette
     roulette_p: float = 0.5  # P(stop) after each further term (geometric truncation)
-    squeeze: bool = True  # one squeeze first (C x H x W -> 4C x H/2 x W/2): wider convolutions
+    gradient: Literal["neumann", "backprop"] = "neumann"  # the log-det's training gradient
+    squeeze: int = 1  # squeezes first, each C x H x W -> 4C x H/2 x W/2: fewer, wider positions
     inverse_tol: float = 1e-6  # fixed-point stop: max |x_{k+1} - x_k|
     inverse_max_iter: int = 200
 
@@ -71,8 +72,9 @@ class ResFlowConfig:
         _ranges(path, [("coeff", 0 < self.coeff < 1, "in (0, 1): the inverse exists only for Lip(g) < 1"),
                        ("exact_terms", self.exact_terms >= 1, ">= 1"),
                        ("roulette_p", 0 < self.roulette_p < 1, "in (0, 1)")], self)
-        if self.squeeze and flow.image_size % 2:
-            raise ConfigError(f"{path}.squeeze: flow.image_size={flow.image_size} must be even")
+        if self.squeeze < 0 or flow.image_size % 2 ** self.squeeze:
+            raise ConfigError(f"{path}.squeeze={self.squeeze}: >= 0, and flow.image_size={flow.image_size} "
+                              f"must divide by 2^{self.squeeze} (one 2x2 squeeze each)")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Forward flow F: a residual flow (Chen et al. 2019; invertible ResNets, Behrmann et al. 2019).
 
-An optional squeeze (space-to-depth 2x2, a permutation: log-det 0) then B residual blocks
+``squeeze`` squeezes (space-to-depth 2x2, a permutation: log-det 0) then B residual blocks
 
     x^{b+1} = x^b + g_b(x^b),   g = SNConv3x3 -> LipSwish -> SNConv1x1 -> LipSwish -> SNConv3x3
 
@@ -167,7 +167,7 @@ class ResidualFlow(ForwardFlow):
     def __init__(self, cfg: FlowConfig):
         super().__init__(cfg)
         rc = cfg.resflow
-        channels, size = (4 * cfg.channels, cfg.image_size // 2) if rc.squeeze else (cfg.channels, cfg.image_size)
+        channels, size = cfg.channels * 4 ** rc.squeeze, cfg.image_size // 2 ** rc.squeeze
         self.blocks = nn.ModuleList(ResidualBlock(cfg, channels, size) for _ in range(cfg.num_blocks))
         self.generator: torch.Generator | None = None
         self.after_load(100, 1e-6)  # buffers near convergence from the start: the init is invertible
@@ -176,10 +176,14 @@ class ResidualFlow(ForwardFlow):
         self.generator = generator
 
     def _in(self, x: Tensor) -> Tensor:
-        return squeeze(x) if self.config.resflow.squeeze else x
+        for _ in range(self.config.resflow.squeeze):
+            x = squeeze(x)
+        return x
 
     def _out(self, h: Tensor) -> Tensor:
-        return unsqueeze(h) if self.config.resflow.squeeze else h
+        for _ in range(self.config.resflow.squeeze):
+            h = unsqueeze(h)
+        return h
 
     def _num_terms(self) -> list[int]:
         """Series length per block: exact_terms + N, N >= 1 geometric (P(N >= j) = (1-p)^{j-1})."""
@@ -190,14 +194,43 @@ class ResidualFlow(ForwardFlow):
         return [min(rc.exact_terms + n, MAX_TERMS) for n in extra]
 
     def _logdet(self, gx: Tensor, x: Tensor, terms: int, create_graph: bool) -> Tensor:
+        """The series estimate of log det(I + J_g(x)) per sample. With ``create_graph`` it is
+        differentiable: by backprop through every term, or, in training with
+        ``gradient: neumann``, by the Neumann series (see ``_neumann``)."""
         rc = self.config.resflow
+        if create_graph and self.training and rc.gradient == "neumann":
+            return self._neumann(gx, x, terms)
         v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
         w, total = v, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for k in range(1, terms + 1):
             (w,) = torch.autograd.grad(gx, x, w, create_graph=create_graph, retain_graph=True)  # v^T J^k
-            weight = 1.0 if k <= rc.exact_terms else (1 - rc.roulette_p) ** -(k - rc.exact_terms - 1)
-            total = total + (-1) ** (k + 1) / k * weight * (w * v).flatten(1).sum(1)
+            total = total + (-1) ** (k + 1) / k * self._weight(k) * (w * v).flatten(1).sum(1)
         return total
+
+    def _weight(self, k: int) -> float:
+        """1 / P(term k is drawn): 1 for the exact terms, (1 - p)^-(k - exact_terms - 1) beyond."""
+        rc = self.config.resflow
+        return 1.0 if k <= rc.exact_terms else (1 - rc.roulette_p) ** -(k - rc.exact_terms - 1)
+
+    def _neumann(self, gx: Tensor, x: Tensor, terms: int) -> Tensor:
+        """Chen et al. (2019)'s gradient estimator: d log det(I + J) = tr((I + J)^-1 dJ)
+        = sum_{j>=0} (-1)^j tr(J^j dJ), estimated by v^T N dJ v with N = sum_j (-1)^j w_{j+1} J^j
+        (the same draws and weights as the value's series; w_k: ``_weight``). The series' vector-
+        Jacobian products run without a graph; one differentiable product v^T N J v carries the
+        gradient. The value is the series estimate, as with backprop; only the gradient's
+        estimator differs (unbiased too), for one double-backward per block instead of one per
+        term."""
+        v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
+        w, neumann = v, v.clone()
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for k in range(1, terms + 1):
+            (w,) = torch.autograd.grad(gx, x, w, retain_graph=True)  # v^T J^k, no graph
+            total = total + (-1) ** (k + 1) / k * self._weight(k) * (w * v).flatten(1).sum(1)
+            if k < terms:
+                neumann = neumann + (-1) ** k * self._weight(k + 1) * w
+        (vjp,) = torch.autograd.grad(gx, x, neumann, create_graph=True, retain_graph=True)
+        surrogate = (vjp * v).flatten(1).sum(1)  # its gradient is the estimator's; its value is not the log-det
+        return total.detach() + surrogate - surrogate.detach()
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
         """States, z and the log-det estimate in at least fp32. The log-det is differentiable
