@@ -71,6 +71,18 @@ class ResFlowConfig:
 
 
 @dataclass
+class SplineConfig:
+    """``flow.transform: rqs``: the monotonic rational-quadratic spline of each transformed
+    dimension (biflow.models.splines): ``bins`` bins over [-bound, bound], identity outside."""
+
+    bins: int = 8
+    bound: float = 4.0
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "bins", "bound")
+
+
+@dataclass
 class FlowConfig:
     """Forward flow F: TARFlow (autoregressive affine blocks over patch tokens) by default,
     or another family (``family``) with its nested settings."""
@@ -95,6 +107,10 @@ class FlowConfig:
     # a LayerNorm before each block's output projection; off, as in ml-tarflow: with it the flow's
     # held-out NLL came out 0.011 (width 96) and 0.049 (width 128) nats/dim worse at the same budget
     out_norm: bool = False
+    # the elementwise map of TARFlow's blocks and Glow's couplings: affine (mu, alpha), or a
+    # rational-quadratic spline per dimension (flow.spline; clip and alpha_soft_clip are affine's)
+    transform: Literal["affine", "rqs"] = "affine"
+    spline: SplineConfig = field(default_factory=SplineConfig)
     glow: GlowConfig = field(default_factory=GlowConfig)  # family: glow
     resflow: ResFlowConfig = field(default_factory=ResFlowConfig)  # family: resflow
 
@@ -135,6 +151,13 @@ class FlowConfig:
         _unit_interval(self, path, "label_drop")
         if self.noise_std < 0 or self.clip < 0 or self.alpha_soft_clip < 0:
             raise ConfigError(f"{path}: noise_std, clip and alpha_soft_clip must be >= 0")
+        self.spline.validate(f"{path}.spline")
+        if self.transform == "rqs" and self.family == "resflow":
+            raise ConfigError(f"{path}.transform='rqs': a residual flow has no elementwise transform to swap "
+                              f"(rqs is for tarflow blocks and glow couplings)")
+        if self.transform == "rqs" and self.family == "glow" and self.glow.coupling != "affine":
+            raise ConfigError(f"{path}.transform='rqs' replaces the coupling's affine map: set "
+                              f"{path}.glow.coupling to 'affine' (got {self.glow.coupling!r})")
         if self.family == "glow":
             self.glow.validate(f"{path}.glow", self)
         elif self.family == "resflow":

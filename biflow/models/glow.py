@@ -11,6 +11,8 @@ channels x_a and maps the second with parameters computed from x_a (and the labe
 
     affine:    z_b = (x_b + t) * s,  s = sigmoid(h + 2)  (openai/glow),  log|det| = sum(log s)
     additive:  z_b = x_b + t,                                            log|det| = 0
+    rqs:       z_b = spline(x_b; theta), theta: 3K - 1 numbers per dimension (flow.transform: rqs,
+               biflow.models.splines; the Neural Spline Flows coupling)
 
 The factored-out halves are final: they go to z as they are, under the same standard
 normal prior as the rest (no learned prior, to keep the flow simple).
@@ -45,6 +47,7 @@ from biflow.config import FlowConfig
 from biflow.models.flow import FlowOutput, ForwardFlow
 from biflow.models.layers import LabelEmbedding, squeeze, unsqueeze  # noqa: F401 (squeeze: tests import it here)
 from biflow.models.layers import affine_dtype as _affine_dtype
+from biflow.models.splines import num_params, rqs
 
 
 def _mix(p: Tensor, guidance: float) -> Tensor:
@@ -121,22 +124,28 @@ class Coupling(nn.Module):
     """Coupling: the first half of the channels (and the label) parameterise the second.
     Network: conv3x3 (+ label embedding) -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3."""
 
-    def __init__(self, channels: int, hidden: int, num_classes: int, affine: bool):
+    def __init__(self, channels: int, hidden: int, num_classes: int, affine: bool, spline: Any = None):
         super().__init__()
         self.affine, self.num_classes, half = affine, num_classes, channels // 2
+        self.spline = spline  # a SplineConfig with flow.transform: rqs, else None
+        per_dim = num_params(spline.bins) if spline is not None else 2 if affine else 1
         self.conv_in = nn.Conv2d(half, hidden, 3, padding=1)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes > 0 else None
         self.conv_mid = nn.Conv2d(hidden, hidden, 1)
-        self.conv_out = nn.Conv2d(hidden, (2 if affine else 1) * (channels - half), 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, per_dim * (channels - half), 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # every coupling starts as the identity map
         nn.init.zeros_(self.conv_out.bias)
 
     def params(self, xa: Tensor, y: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """(shift, log scale) for x_b; the log scale is None for the additive coupling."""
+        """(shift, log scale) for x_b; the log scale is None for the additive coupling; with a
+        spline, (spline parameters, None)."""
         h = self.conv_in(xa.to(self.conv_in.weight.dtype))
         if self.label_embed is not None:
             h = h + self.label_embed(y, xa.shape[0], xa.device)[:, :, None, None].to(h.dtype)
         h = self.conv_out(F.relu(self.conv_mid(F.relu(h)))).to(dtype)
+        if self.spline is not None:  # (B, Cb * P, H, W) -> spline parameters (B, Cb, H, W, P)
+            b, _, height, width = h.shape
+            return h.view(b, -1, num_params(self.spline.bins), height, width).permute(0, 1, 3, 4, 2), None
         if not self.affine:
             return h, None
         shift, raw = h.chunk(2, dim=1)
@@ -145,6 +154,9 @@ class Coupling(nn.Module):
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         xa, xb = x.chunk(2, dim=1)
         shift, log_scale = self.params(xa, y, x.dtype)
+        if self.spline is not None:
+            zb, ld = rqs(xb, shift, self.spline.bound)
+            return torch.cat([xa, zb], dim=1), ld.sum(dim=(1, 2, 3))
         if log_scale is None:
             return torch.cat([xa, xb + shift], dim=1), x.new_zeros(x.shape[0])
         return torch.cat([xa, (xb + shift) * torch.exp(log_scale)], dim=1), log_scale.sum(dim=(1, 2, 3))
@@ -158,6 +170,8 @@ class Coupling(nn.Module):
             shift, log_scale = _mix(shift, guidance), None if log_scale is None else _mix(log_scale, guidance)
         else:
             shift, log_scale = self.params(za, y, z.dtype)
+        if self.spline is not None:
+            return torch.cat([za, rqs(zb, shift, self.spline.bound, inverse=True)[0]], dim=1)
         xb = zb if log_scale is None else zb * torch.exp(-log_scale)
         return torch.cat([za, xb - shift], dim=1)
 
@@ -169,7 +183,8 @@ class GlowStep(nn.Module):
         super().__init__()
         self.actnorm = ActNorm(channels)
         self.invconv = InvConv1x1(channels)
-        self.coupling = Coupling(channels, cfg.glow.hidden, cfg.num_classes, cfg.glow.coupling == "affine")
+        self.coupling = Coupling(channels, cfg.glow.hidden, cfg.num_classes, cfg.glow.coupling == "affine",
+                                 cfg.spline if cfg.transform == "rqs" else None)
 
     def forward(self, x: Tensor, y: Tensor | None, init: bool = False) -> tuple[Tensor, Tensor]:
         x, ld_norm = self.actnorm(x, init)

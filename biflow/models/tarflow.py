@@ -9,6 +9,10 @@ and maps every token with parameters computed from the tokens before it:
 
 Token 0 has mu = alpha = 0 and passes through unchanged. The affine and
 log-det math runs in at least fp32 whatever the model dtype.
+
+With ``flow.transform: rqs`` each token's dimensions go through a rational-quadratic
+spline instead (biflow.models.splines), its 3K - 1 parameters per dimension computed the
+same way from the tokens before it; token 0 gets all-zero parameters, the identity.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from biflow.config import FlowConfig
 from biflow.models.flow import LOG_2PI, FlowOutput, ForwardFlow, log_likelihood  # noqa: F401 (their old home)
 from biflow.models.layers import KVCache, LabelEmbedding, TransformerLayer, patchify, unpatchify
 from biflow.models.layers import affine_dtype as _affine_dtype
+from biflow.models.splines import num_params, rqs
 
 
 class FlowBlock(nn.Module):
@@ -36,7 +41,8 @@ class FlowBlock(nn.Module):
         self.label_embed = LabelEmbedding(cfg.num_classes, w) if cfg.num_classes > 0 else None
         self.layers = nn.ModuleList(TransformerLayer(w, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w) if cfg.out_norm else nn.Identity()
-        self.proj_out = nn.Linear(w, 2 * d)
+        self.spline = cfg.transform == "rqs"
+        self.proj_out = nn.Linear(w, (num_params(cfg.spline.bins) if self.spline else 2) * d)
         nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity map
         nn.init.zeros_(self.proj_out.bias)
 
@@ -67,6 +73,11 @@ class FlowBlock(nn.Module):
             mu, alpha = c * torch.tanh(mu / c), c * torch.tanh(alpha / c)
         return mu, alpha
 
+    def spline_params(self, h: Tensor, dtype: torch.dtype) -> Tensor:
+        """Hidden states (B, T, W) -> spline parameters (B, T, D, 3K - 1)."""
+        raw = self.proj_out(self.norm(h)).to(dtype)
+        return raw.view(*raw.shape[:-1], self.cfg.token_dim, -1)
+
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """x: tokens (B, N, D) in natural order -> (z tokens, logdet (B,))."""
         dtype = _affine_dtype(x.dtype)
@@ -74,6 +85,11 @@ class FlowBlock(nn.Module):
         h = self.embed(xp, self.condition(y, x.shape[0], x.device))
         for layer in self.layers:
             h = layer(h, causal=True)
+        if self.spline:
+            raw = self.spline_params(h, dtype)
+            raw = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], dim=1)  # token 0: the identity
+            z, ld = rqs(xp.to(dtype), raw, self.cfg.spline.bound)
+            return self.permute(z), ld.sum(dim=(1, 2))
         mu, alpha = self.affine_params(h, dtype)
         # outputs at position t-1 parameterise token t; token 0 gets (0, 0)
         mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
@@ -128,9 +144,17 @@ class FlowBlock(nn.Module):
                 for layer in self.layers:
                     h = layer(h, causal=True)
                 h = h[:, -1:]
+            w = guidance * (t + 1) / (n - 1) if annealed else guidance
+            if self.spline:
+                raw = self.spline_params(h, dtype)[:, 0]
+                if cfg_on:  # guidance on the spline parameters, as on (mu, alpha)
+                    raw_c, raw_u = raw.chunk(2)
+                    raw = raw_c + w * (raw_c - raw_u)
+                x[:, t + 1] = rqs(zp[:, t + 1], raw, self.cfg.spline.bound, inverse=True)[0]
+                continue
             mu, alpha = self.affine_params(h, dtype)
             if cfg_on:
-                mu, alpha = self._mix(mu, alpha, guidance * (t + 1) / (n - 1) if annealed else guidance)
+                mu, alpha = self._mix(mu, alpha, w)
             x[:, t + 1] = zp[:, t + 1] * torch.exp(alpha[:, 0]) + mu[:, 0]
         return self.permute(x).to(z.dtype)
 
