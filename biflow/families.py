@@ -18,6 +18,7 @@ It writes OUT/eval/results.json and, with ``report``, ``families.{md,json}`` the
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -103,15 +104,34 @@ def run_families(recipe, out: Path, workers: int, overrides: list[str], ev: dict
                "goals": family_goals(rows)}
     (out / "eval").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "results.json").write_text(json.dumps(summary, indent=2))
-    table = families_table(summary)
-    log(table)
+    log(families_table(summary))
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "families.json").write_text(json.dumps(summary, indent=2))
-        title = recipe.description or "Forward families"
-        (report / "families.md").write_text(f"# {title}\n\n{table}\n")
+        write_report(summary, results, report, recipe.description or "Forward families")
         log(f"report: {report}")
     return summary
+
+
+def write_report(summary: dict[str, Any], results: dict[str, dict[str, Any]], report: Path, title: str) -> None:
+    """families.{md,json} in ``report``, with each family's sample grids copied to report/img/
+    (``results``: evaluate()'s per family) and shown under the table, both samplers side by side."""
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "families.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"# {title}", "", families_table(summary), "",
+             "Samples (one column per class; the same labels and noise for both samplers):", "",
+             "| family | BiFlow 1-NFE | exact inverse |", "|---|:---:|:---:|"]
+    for row in summary["rows"]:
+        name, cells = row["family"], []
+        for sampler in ("biflow", "exact"):
+            source = Path(results[name]["samplers"][f"{sampler}@w={row['guidance']:g}"].get("grid") or "")
+            if not source.is_file():
+                cells.append("(no grid)")
+                continue
+            (report / "img").mkdir(exist_ok=True)
+            target = report / "img" / f"{name}-{source.name}"
+            shutil.copyfile(source, target)
+            cells.append(f"![{name} {sampler}](img/{target.name})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (report / "families.md").write_text("\n".join(lines) + "\n")
 
 
 def family_goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

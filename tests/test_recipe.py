@@ -1,5 +1,6 @@
 """Recipes (jobs/eval/*.yaml): strict loading, per-stage configs, goal checks."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,33 @@ def test_ablation_report_writes_table_chart_and_json(tmp_path):
     assert "| exact inverse | exact | serial | 1 | 212.59 |" in md and "| real vs real (floor) | | | | 39.07 |" in md
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["fid"] == 270.45
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_families_report_shows_the_table_and_both_samplers_grids(tmp_path):
+    """biflow.families.write_report on the committed family run's summary: the table, the goals
+    and, per family, the BiFlow and exact-inverse grids copied next to the report."""
+    from PIL import Image
+
+    from biflow.families import write_report
+
+    summary = json.loads((Path(__file__).parents[1] / "docs" / "families" / "families.json").read_text())
+    results = {}
+    for row in summary["rows"]:
+        samplers = {}
+        for sampler in ("biflow", "exact"):
+            grid = tmp_path / "eval" / row["family"] / f"samples-{sampler}-w{row['guidance']:g}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 17 if sampler == "biflow" else 99).save(grid)
+            samplers[f"{sampler}@w={row['guidance']:g}"] = {"grid": str(grid)}
+        results[row["family"]] = {"samplers": samplers}
+    results[summary["rows"][-1]["family"]]["samplers"]["exact@w=1"]["grid"] = str(tmp_path / "gone.png")  # a lost grid
+    write_report(summary, results, tmp_path / "report", "Families")
+    md = (tmp_path / "report" / "families.md").read_text()
+    assert md.startswith("# Families\n") and "| goal | measured | target |" in md
+    assert json.loads((tmp_path / "report" / "families.json").read_text()) == summary
+    first, last = summary["rows"][0]["family"], summary["rows"][-1]["family"]
+    assert (f"| {first} | ![{first} biflow](img/{first}-samples-biflow-w1.png) | "
+            f"![{first} exact](img/{first}-samples-exact-w1.png) |") in md
+    assert f"![{last} biflow](img/{last}-samples-biflow-w1.png) | (no grid) |" in md
+    assert Image.open(tmp_path / "report" / "img" / f"{first}-samples-exact-w1.png").getpixel((0, 0)) == 99
+    assert len(list((tmp_path / "report" / "img").iterdir())) == 2 * len(summary["rows"]) - 1

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biflow.config import FlowConfig
+from biflow.config import FlowConfig, SplineConfig
 from biflow.models.flow import FlowOutput, ForwardFlow
 from biflow.models.layers import LabelEmbedding, squeeze, unsqueeze  # noqa: F401 (squeeze: tests import it here)
 from biflow.models.layers import affine_dtype as _affine_dtype
@@ -124,10 +124,11 @@ class Coupling(nn.Module):
     """Coupling: the first half of the channels (and the label) parameterise the second.
     Network: conv3x3 (+ label embedding) -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3."""
 
-    def __init__(self, channels: int, hidden: int, num_classes: int, affine: bool, spline: Any = None):
+    def __init__(self, channels: int, hidden: int, num_classes: int, affine: bool,
+                 spline: SplineConfig | None = None):
         super().__init__()
         self.affine, self.num_classes, half = affine, num_classes, channels // 2
-        self.spline = spline  # a SplineConfig with flow.transform: rqs, else None
+        self.spline = spline  # flow.spline with flow.transform: rqs, else None
         per_dim = num_params(spline.bins) if spline is not None else 2 if affine else 1
         self.conv_in = nn.Conv2d(half, hidden, 3, padding=1)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes > 0 else None

@@ -12,7 +12,7 @@ log-det math runs in at least fp32 whatever the model dtype.
 
 With ``flow.transform: rqs`` each token's dimensions go through a rational-quadratic
 spline instead (biflow.models.splines), its 3K - 1 parameters per dimension computed the
-same way from the tokens before it; token 0 gets all-zero parameters, the identity.
+same way from the tokens before it; token 0 passes unchanged, as with the affine map.
 """
 
 from __future__ import annotations
@@ -86,10 +86,9 @@ class FlowBlock(nn.Module):
         for layer in self.layers:
             h = layer(h, causal=True)
         if self.spline:
-            raw = self.spline_params(h, dtype)
-            raw = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], dim=1)  # token 0: the identity
-            z, ld = rqs(xp.to(dtype), raw, self.cfg.spline.bound)
-            return self.permute(z), ld.sum(dim=(1, 2))
+            xp = xp.to(dtype)  # outputs at position t-1 parameterise token t; token 0 passes as it is
+            z, ld = rqs(xp[:, 1:], self.spline_params(h[:, :-1], dtype), self.cfg.spline.bound)
+            return self.permute(torch.cat([xp[:, :1], z], dim=1)), ld.sum(dim=(1, 2))
         mu, alpha = self.affine_params(h, dtype)
         # outputs at position t-1 parameterise token t; token 0 gets (0, 0)
         mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
