@@ -197,7 +197,8 @@ def test_recipe_runs(path, tmp_path, fashion_mnist_dir, ray_local):
             for stage in ("forward", "reverse"):
                 assert_checkpoint_and_grid(tmp_path / "runs" / f"{results['recipe']['name']}-{r['family']}-{stage}",
                                            latent=False)
-        assert {r["flow_family"] for r in results["rows"]} == {"tarflow", "glow", "resflow"}
+        if path.stem == "families":  # the comparison covers every family
+            assert {r["flow_family"] for r in results["rows"]} == {"tarflow", "glow", "resflow"}
         return
     if spec.get("ablations"):  # one reverse run per row, each scored by its own sampler
         names = [a["name"] for a in spec["ablations"]]
