@@ -195,42 +195,32 @@ class ResidualFlow(ForwardFlow):
 
     def _logdet(self, gx: Tensor, x: Tensor, terms: int, create_graph: bool) -> Tensor:
         """The series estimate of log det(I + J_g(x)) per sample. With ``create_graph`` it is
-        differentiable: by backprop through every term, or, in training with
-        ``gradient: neumann``, by the Neumann series (see ``_neumann``)."""
-        rc = self.config.resflow
-        if create_graph and self.training and rc.gradient == "neumann":
-            return self._neumann(gx, x, terms)
+        differentiable: by backprop through every term or, in training with ``gradient:
+        neumann``, by Chen et al. (2019)'s Neumann series: d log det(I + J) = tr((I + J)^-1 dJ)
+        = sum_{j>=0} (-1)^j tr(J^j dJ), estimated by v^T N dJ v with N = sum_j (-1)^j w_{j+1} J^j
+        (the same draws and weights w_k, ``_weight``, as the value's series). Then the series'
+        vector-Jacobian products run without a graph and one differentiable product v^T N J v
+        carries the gradient: one double-backward per block instead of one per term. The value
+        is the same either way; only the gradient's (unbiased) estimator differs."""
+        neumann = create_graph and self.training and self.config.resflow.gradient == "neumann"
         v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
-        w, total = v, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for k in range(1, terms + 1):
-            (w,) = torch.autograd.grad(gx, x, w, create_graph=create_graph, retain_graph=True)  # v^T J^k
+        w, series = v, v.clone()
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for k in range(1, terms + 1):  # w = v^T J^k
+            (w,) = torch.autograd.grad(gx, x, w, create_graph=create_graph and not neumann, retain_graph=True)
             total = total + (-1) ** (k + 1) / k * self._weight(k) * (w * v).flatten(1).sum(1)
-        return total
+            if neumann and k < terms:
+                series = series + (-1) ** k * self._weight(k + 1) * w
+        if not neumann:
+            return total
+        (vjp,) = torch.autograd.grad(gx, x, series, create_graph=True, retain_graph=True)
+        surrogate = (vjp * v).flatten(1).sum(1)  # its gradient is the estimator's; its value is not the log-det
+        return total.detach() + surrogate - surrogate.detach()
 
     def _weight(self, k: int) -> float:
         """1 / P(term k is drawn): 1 for the exact terms, (1 - p)^-(k - exact_terms - 1) beyond."""
         rc = self.config.resflow
         return 1.0 if k <= rc.exact_terms else (1 - rc.roulette_p) ** -(k - rc.exact_terms - 1)
-
-    def _neumann(self, gx: Tensor, x: Tensor, terms: int) -> Tensor:
-        """Chen et al. (2019)'s gradient estimator: d log det(I + J) = tr((I + J)^-1 dJ)
-        = sum_{j>=0} (-1)^j tr(J^j dJ), estimated by v^T N dJ v with N = sum_j (-1)^j w_{j+1} J^j
-        (the same draws and weights as the value's series; w_k: ``_weight``). The series' vector-
-        Jacobian products run without a graph; one differentiable product v^T N J v carries the
-        gradient. The value is the series estimate, as with backprop; only the gradient's
-        estimator differs (unbiased too), for one double-backward per block instead of one per
-        term."""
-        v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
-        w, neumann = v, v.clone()
-        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for k in range(1, terms + 1):
-            (w,) = torch.autograd.grad(gx, x, w, retain_graph=True)  # v^T J^k, no graph
-            total = total + (-1) ** (k + 1) / k * self._weight(k) * (w * v).flatten(1).sum(1)
-            if k < terms:
-                neumann = neumann + (-1) ** k * self._weight(k + 1) * w
-        (vjp,) = torch.autograd.grad(gx, x, neumann, create_graph=True, retain_graph=True)
-        surrogate = (vjp * v).flatten(1).sum(1)  # its gradient is the estimator's; its value is not the log-det
-        return total.detach() + surrogate - surrogate.detach()
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> FlowOutput:
         """States, z and the log-det estimate in at least fp32. The log-det is differentiable
