@@ -70,6 +70,15 @@ class ResFlowConfig:
                               f"must divide by 2^{self.squeeze} (one 2x2 squeeze each)")
 
 
+class _Sized:
+    """A config with a registry size (``size: B/2``, FLOW_SIZES / REVERSE_SIZES): the loader's
+    ``expand`` hook fills the size's fields before the keys are checked (explicit keys win)."""
+
+    @classmethod
+    def expand(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
+        return _expand_size(cls, data, path)
+
+
 @dataclass
 class SplineConfig:
     """``flow.transform: rqs``: the monotonic rational-quadratic spline of each transformed
@@ -83,7 +92,7 @@ class SplineConfig:
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(_Sized):
     """Forward flow F: TARFlow (autoregressive affine blocks over patch tokens) by default,
     or another family (``family``) with its nested settings."""
 
@@ -130,11 +139,6 @@ class FlowConfig:
     @property
     def num_dims(self) -> int:
         return self.channels * self.image_size**2
-
-    @classmethod
-    def expand(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
-        """The loader's hook: ``size: B/2`` fills the size's fields (explicit keys win)."""
-        return _expand_size(cls, data, path)
 
     def validate(self, path: str = "flow") -> None:
         _positive(self, path, "image_size", "channels", "patch_size", "width", "depth", "num_blocks", "num_heads")
@@ -183,7 +187,7 @@ class PerceptualConfig:
 
 
 @dataclass
-class ReverseConfig:
+class ReverseConfig(_Sized):
     """Reverse model G (BiFlow): bidirectional ViT, 1 NFE from noise to image."""
 
     size: str = ""
@@ -237,11 +241,6 @@ class ReverseConfig:
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> "ReverseConfig":
         return from_dict(cls, {"size": size, **overrides})
-
-    @classmethod
-    def expand(cls, data: dict[str, Any], path: str) -> dict[str, Any]:
-        """The loader's hook: ``size: B/2`` fills the size's fields (explicit keys win)."""
-        return _expand_size(cls, data, path)
 
     def validate(self, path: str = "reverse") -> None:
         _positive(self, path, "width", "depth", "num_heads")
