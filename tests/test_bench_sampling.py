@@ -19,9 +19,13 @@ def test_bench_sampling_writes_json_with_ratios(tmp_path):
     for row in data["rows"]:
         ms = row["ms_per_image"]
         assert all(v > 0 for v in ms.values())
-        # Tweedie and guidance only ever add work to the exact inverse
-        assert ms["exact_kv_cfg_tweedie"] > ms["exact_kv"]
-        assert abs(row["speedup_biflow_vs_exact_kv"] - ms["exact_kv"] / ms["biflow_1nfe"]) < 1e-6 * ms["exact_kv"]
+        # every ratio is the two timings of this one run (which sampler is faster is the
+        # benchmark's finding, not the test's: one repetition on a shared machine can order
+        # them either way; a timing comparison here failed once)
+        ratios = {"speedup_biflow_vs_exact_kv": "exact_kv", "speedup_biflow_vs_exact_tweedie": "exact_kv_tweedie",
+                  "speedup_biflow_vs_exact_cfg_tweedie": "exact_kv_cfg_tweedie"}
+        for ratio, exact in ratios.items():
+            assert row[ratio] == pytest.approx(ms[exact] / ms["biflow_1nfe"], rel=1e-6), ratio
     assert data["flow"]["tokens"] == 16 and data["flow"]["params"] > 0
 
 

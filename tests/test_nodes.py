@@ -876,7 +876,10 @@ def node_loss(name: str, shards: str, s3_server, tmp_path: Path, timeout: float 
     return facts
 
 
-# In the default run (CI): 156-263 s on 2 cores, the one node-loss scenario under 4 min.
+# make test-nodes (156-331 s on 2 cores). It ran in the default tier until the suite reached
+# 39 min of CI's 40: a lost node's recovery path is Ray Train's restart of the worker group,
+# which the default tier still covers with killed workers (test_faults_train.py).
+@pytest.mark.slow
 def test_forward_stage_loses_a_training_node_and_resumes(fmnist_s3_shards, s3_server, tmp_path):
     facts = node_loss("forward_node_loss", fmnist_s3_shards, s3_server, tmp_path)
     assert facts.get("forward"), "the forward stage did not get as far as the node loss"
